@@ -1,0 +1,214 @@
+#include "runtime/loop.h"
+
+#include <pthread.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace blockd {
+namespace {
+thread_local Loop* current_loop = nullptr;
+}  // namespace
+
+Loop::Loop(unsigned entries) : entries_(entries) {}
+
+Expected<std::unique_ptr<Loop>> Loop::create(unsigned entries) {
+  std::unique_ptr<Loop> loop(new Loop(entries));
+  BLOCKD_RETURN_IF_ERROR(loop->init());
+  return loop;
+}
+
+Status Loop::init() {
+  io_uring_params params{};
+  // The completion queue is sized generously: a burst of completions must never overflow it.
+  params.flags = IORING_SETUP_CQSIZE;
+  params.cq_entries = entries_ * 4;
+  int ret = io_uring_queue_init_params(entries_, &ring_, &params);
+  if (ret < 0) return Status::generic("Failed to set up io_uring: " + errno_text(ret));
+  ring_ready_ = true;
+  wakeup_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (wakeup_fd_ < 0) return Status::generic("Failed to create eventfd: " + errno_text(-errno));
+  wakeup_completion_.loop = this;
+  wakeup_completion_.complete = [](Completion* self, int, unsigned) {
+    static_cast<WakeupCompletion*>(self)->loop->wakeup_armed_ = false;
+  };
+  return Status::ok();
+}
+
+Loop::~Loop() {
+  if (ring_ready_) io_uring_queue_exit(&ring_);
+  if (wakeup_fd_ >= 0) close(wakeup_fd_);
+}
+
+Loop* Loop::current() noexcept { return current_loop; }
+
+io_uring_sqe* Loop::get_sqe() noexcept {
+  io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+  while (sqe == nullptr) {
+    // The submission queue is full: hand what we have to the kernel and try again.
+    io_uring_submit(&ring_);
+    pending_submissions_ = 0;
+    sqe = io_uring_get_sqe(&ring_);
+  }
+  ++pending_submissions_;
+  ++in_flight_;
+  return sqe;
+}
+
+void Loop::arm_wakeup() {
+  if (wakeup_armed_) return;
+  wakeup_armed_ = true;
+  io_uring_sqe* sqe = get_sqe();
+  io_uring_prep_read(sqe, wakeup_fd_, &wakeup_buffer_, sizeof wakeup_buffer_, 0);
+  io_uring_sqe_set_data(sqe, static_cast<Completion*>(&wakeup_completion_));
+  --in_flight_;  // the wake-up read is always pending; it is not work in flight
+}
+
+void Loop::post(std::function<void()> work) {
+  bool was_empty;
+  {
+    std::lock_guard lock(posted_mutex_);
+    was_empty = posted_.empty();
+    posted_.push_back(std::move(work));
+  }
+  if (was_empty) {
+    uint64_t one = 1;
+    // The eventfd counter cannot overflow in practice; a failed write only delays the wake-up of a
+    // loop that is about to look at the queue anyway.
+    [[maybe_unused]] ssize_t written = ::write(wakeup_fd_, &one, sizeof one);
+  }
+}
+
+void Loop::run_posted() {
+  {
+    std::lock_guard lock(posted_mutex_);
+    running_posted_.swap(posted_);
+  }
+  for (auto& work : running_posted_) work();
+  running_posted_.clear();
+}
+
+void Loop::spawn(Task<void> task) {
+  auto handle = task.release();
+  // A detached wrapper owns the task's frame for as long as it runs.
+  auto wrapper = [](std::coroutine_handle<detail::TaskPromise<void>> inner) -> DetachedTask {
+    co_await Task<void>(inner);
+  }(handle);
+  wrapper.handle.resume();
+}
+
+void Loop::iterate(bool may_block) {
+  run_posted();
+  arm_wakeup();
+  bool has_posted;
+  {
+    std::lock_guard lock(posted_mutex_);
+    has_posted = !posted_.empty();
+  }
+  const bool block = may_block && !has_posted && !stop_requested_.load(std::memory_order_relaxed);
+  int ret = block ? io_uring_submit_and_wait(&ring_, 1) : io_uring_submit(&ring_);
+  (void)ret;  // -EINTR and -EBUSY are retried by the next iteration
+  pending_submissions_ = 0;
+
+  io_uring_cqe* cqe;
+  unsigned head;
+  unsigned seen = 0;
+  // Completions are collected first and resumed after the ring is advanced, because a resumed
+  // coroutine may submit new work.
+  Completion* ready[256];
+  int results[256];
+  unsigned flags[256];
+  unsigned count = 0;
+  io_uring_for_each_cqe(&ring_, head, cqe) {
+    if (count == 256) break;
+    ready[count] = static_cast<Completion*>(io_uring_cqe_get_data(cqe));
+    results[count] = cqe->res;
+    flags[count] = cqe->flags;
+    ++count;
+    ++seen;
+  }
+  io_uring_cq_advance(&ring_, seen);
+  for (unsigned i = 0; i < count; ++i) {
+    if (ready[i] == nullptr) continue;  // a cancel request's own completion
+    if (ready[i] != &wakeup_completion_) --in_flight_;
+    ready[i]->complete(ready[i], results[i], flags[i]);
+  }
+}
+
+void Loop::run() {
+  Loop* previous = current_loop;
+  current_loop = this;
+  while (!stop_requested_.load(std::memory_order_acquire)) iterate(true);
+  stop_requested_.store(false, std::memory_order_relaxed);
+  run_posted();
+  current_loop = previous;
+}
+
+void Loop::run_until(const std::function<bool()>& done) {
+  Loop* previous = current_loop;
+  current_loop = this;
+  while (!done()) iterate(true);
+  current_loop = previous;
+}
+
+void Loop::stop() {
+  stop_requested_.store(true, std::memory_order_release);
+  uint64_t one = 1;
+  [[maybe_unused]] ssize_t written = ::write(wakeup_fd_, &one, sizeof one);
+}
+
+void Loop::SleepAwaitable::await_suspend(std::coroutine_handle<> handle) noexcept {
+  waiter = handle;
+  complete = [](Completion* self, int res, unsigned) {
+    auto* op = static_cast<SleepAwaitable*>(self);
+    op->result = res;
+    op->waiter.resume();
+  };
+  io_uring_sqe* sqe = loop->get_sqe();
+  io_uring_prep_timeout(sqe, &timeout, 0, 0);
+  io_uring_sqe_set_data(sqe, static_cast<Completion*>(this));
+}
+
+Loop::SleepAwaitable Loop::sleep(std::chrono::nanoseconds duration) {
+  SleepAwaitable awaitable;
+  awaitable.loop = this;
+  const auto count = duration.count() < 0 ? 0 : duration.count();
+  awaitable.timeout.tv_sec = count / 1'000'000'000;
+  awaitable.timeout.tv_nsec = count % 1'000'000'000;
+  return awaitable;
+}
+
+void Loop::cancel(Completion* target) {
+  io_uring_sqe* sqe = get_sqe();
+  io_uring_prep_cancel(sqe, target, 0);
+  io_uring_sqe_set_data(sqe, nullptr);
+  --in_flight_;  // the cancel request's own completion is not counted
+}
+
+Expected<std::unique_ptr<LoopThread>> LoopThread::start(std::string name) {
+  auto loop = Loop::create();
+  if (!loop) return loop.status();
+  std::unique_ptr<LoopThread> thread(new LoopThread());
+  thread->loop_ = std::move(loop).value();
+  std::promise<int> started;
+  auto tid = started.get_future();
+  Loop* raw = thread->loop_.get();
+  thread->thread_ = std::thread([raw, name, &started] {
+    pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
+    started.set_value(static_cast<int>(gettid()));
+    raw->run();
+  });
+  thread->thread_id_ = tid.get();
+  return thread;
+}
+
+LoopThread::~LoopThread() {
+  if (thread_.joinable()) {
+    loop_->stop();
+    thread_.join();
+  }
+}
+
+}  // namespace blockd

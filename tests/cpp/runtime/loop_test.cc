@@ -1,0 +1,199 @@
+#include "runtime/loop.h"
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "runtime/frame_allocator.h"
+
+namespace blockd {
+namespace {
+
+std::unique_ptr<Loop> make_loop() {
+  auto loop = Loop::create(64);
+  EXPECT_TRUE(loop.has_value());
+  return std::move(loop).value();
+}
+
+// Runs `task` on `loop` until it finishes and returns its result.
+template <typename T>
+T run(Loop& loop, Task<T> task) {
+  std::optional<T> result;
+  bool finished = false;
+  loop.spawn([](Task<T> inner, std::optional<T>& out, bool& done) -> Task<void> {
+    out = co_await std::move(inner);
+    done = true;
+  }(std::move(task), result, finished));
+  loop.run_until([&] { return finished; });
+  return *result;
+}
+
+Task<int> add(int a, int b) { co_return a + b; }
+
+Task<int> nested(int depth) {
+  if (depth == 0) co_return 0;
+  co_return 1 + co_await nested(depth - 1);
+}
+
+TEST(TaskTest, ReturnsValue) {
+  auto loop = make_loop();
+  EXPECT_EQ(run(*loop, add(2, 3)), 5);
+}
+
+TEST(TaskTest, DeepChainDoesNotGrowStack) {
+  auto loop = make_loop();
+  EXPECT_EQ(run(*loop, nested(100000)), 100000);
+}
+
+TEST(TaskTest, LazyUntilAwaited) {
+  bool started = false;
+  auto body = [](bool& flag) -> Task<int> {
+    flag = true;
+    co_return 1;
+  };
+  {
+    Task<int> task = body(started);
+    EXPECT_FALSE(started);
+  }  // destroying an unstarted task frees it without running it
+  EXPECT_FALSE(started);
+}
+
+TEST(TaskTest, FramesAreRecycled) {
+  auto loop = make_loop();
+  run(*loop, nested(10));
+  const size_t before = runtime::TEST_frames_allocated_from_heap();
+  for (int i = 0; i < 1000; ++i) run(*loop, nested(10));
+#if !defined(__SANITIZE_ADDRESS__)
+  EXPECT_EQ(runtime::TEST_frames_allocated_from_heap(), before);
+#else
+  (void)before;
+#endif
+}
+
+class TempFile {
+ public:
+  TempFile() {
+    char name[] = "/tmp/blockd-loop-test-XXXXXX";
+    fd_ = mkstemp(name);
+    path_ = name;
+  }
+  ~TempFile() {
+    close(fd_);
+    unlink(path_.c_str());
+  }
+  int fd() const { return fd_; }
+
+ private:
+  int fd_;
+  std::string path_;
+};
+
+TEST(LoopTest, FileWriteThenRead) {
+  auto loop = make_loop();
+  TempFile file;
+  auto io = [](Loop& l, int fd) -> Task<std::string> {
+    const char text[] = "hello, ring";
+    int written = co_await l.write(fd, text, sizeof text, 4096);
+    EXPECT_EQ(written, static_cast<int>(sizeof text));
+    EXPECT_EQ(co_await l.fsync(fd, true), 0);
+    char back[sizeof text] = {};
+    int got = co_await l.read(fd, back, sizeof back, 4096);
+    EXPECT_EQ(got, static_cast<int>(sizeof back));
+    co_return std::string(back);
+  };
+  EXPECT_EQ(run(*loop, io(*loop, file.fd())), "hello, ring");
+  EXPECT_EQ(loop->in_flight(), 0u);
+}
+
+TEST(LoopTest, ErrorsAreNegativeErrno) {
+  auto loop = make_loop();
+  auto io = [](Loop& l) -> Task<int> {
+    char byte;
+    co_return co_await l.read(-1, &byte, 1, 0);
+  };
+  EXPECT_EQ(run(*loop, io(*loop)), -EBADF);
+}
+
+TEST(LoopTest, ManyOperationsInFlight) {
+  // More operations than the ring has entries: submission must flush and carry on.
+  auto loop = make_loop();
+  TempFile file;
+  int done = 0;
+  for (int i = 0; i < 500; ++i) {
+    loop->spawn([](Loop& l, int fd, int index, int& counter) -> Task<void> {
+      uint32_t value = index;
+      int written = co_await l.write(fd, &value, sizeof value, index * sizeof value);
+      EXPECT_EQ(written, 4);
+      ++counter;
+    }(*loop, file.fd(), i, done));
+  }
+  loop->run_until([&] { return done == 500; });
+  for (int i = 0; i < 500; ++i) {
+    uint32_t value = 0;
+    ASSERT_EQ(pread(file.fd(), &value, 4, i * 4), 4);
+    EXPECT_EQ(value, static_cast<uint32_t>(i));
+  }
+}
+
+TEST(LoopTest, SocketSendRecv) {
+  auto loop = make_loop();
+  int fds[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), 0);
+  auto io = [](Loop& l, int a, int b) -> Task<std::string> {
+    char buffer[16] = {};
+    // Start the receive first: it must wait for the send.
+    bool received = false;
+    l.spawn([](Loop& loop, int fd, char* out, bool& flag) -> Task<void> {
+      int got = co_await loop.recv(fd, out, 5, MSG_WAITALL);
+      EXPECT_EQ(got, 5);
+      flag = true;
+    }(l, b, buffer, received));
+    EXPECT_FALSE(received);
+    EXPECT_EQ(co_await l.send(a, "ping!", 5, MSG_NOSIGNAL), 5);
+    while (!received) co_await l.sleep(std::chrono::microseconds(1));
+    co_return std::string(buffer);
+  };
+  EXPECT_EQ(run(*loop, io(*loop, fds[0], fds[1])), "ping!");
+  close(fds[0]);
+  close(fds[1]);
+}
+
+TEST(LoopTest, TimerOrdering) {
+  auto loop = make_loop();
+  std::vector<int> order;
+  int finished = 0;
+  for (int delay : {3, 1, 2}) {
+    loop->spawn([](Loop& l, int ms, std::vector<int>& out, int& count) -> Task<void> {
+      EXPECT_EQ(co_await l.sleep(std::chrono::milliseconds(ms * 5)), 0);
+      out.push_back(ms);
+      ++count;
+    }(*loop, delay, order, finished));
+  }
+  loop->run_until([&] { return finished == 3; });
+  EXPECT_EQ(order, (std::vector<int>{1, 2, 3}));
+}
+
+TEST(LoopThreadTest, PostAndCallAcrossThreads) {
+  auto thread = LoopThread::start("test-loop");
+  ASSERT_TRUE(thread.has_value());
+  Loop& loop = (*thread)->loop();
+  EXPECT_NE(Loop::current(), &loop);
+  Loop* seen = loop.call([] { return Loop::current(); });
+  EXPECT_EQ(seen, &loop);
+  EXPECT_GT((*thread)->thread_id(), 0);
+  EXPECT_EQ(loop.run_task(add(20, 22)), 42);
+  // Many posts from this thread all run, in order.
+  std::vector<int> values;
+  for (int i = 0; i < 1000; ++i) loop.post([&values, i] { values.push_back(i); });
+  loop.call([] {});
+  ASSERT_EQ(values.size(), 1000u);
+  for (int i = 0; i < 1000; ++i) EXPECT_EQ(values[i], i);
+}
+
+}  // namespace
+}  // namespace blockd
