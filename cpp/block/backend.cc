@@ -1,0 +1,91 @@
+#include "block/backend.h"
+
+#include <cerrno>
+
+namespace blockd::block {
+
+// Counts one request for the duration of a scope and wakes drainers when the count drops to zero.
+struct BlockBackend::InFlight {
+  explicit InFlight(BlockBackend& backend) : backend(backend) { ++backend.in_flight_; }
+  ~InFlight() {
+    if (--backend.in_flight_ == 0 && backend.idle_.has_waiters()) backend.idle_.notify_all();
+  }
+  BlockBackend& backend;
+};
+
+BlockBackend::BlockBackend(std::string description) : description_(std::move(description)) {}
+
+BlockBackend::~BlockBackend() { detach(); }
+
+Status BlockBackend::attach(std::shared_ptr<Node> node, uint32_t permissions, uint32_t shared) {
+  BLOCKD_RETURN_IF_ERROR(node->attach(*this, permissions, shared));
+  root_ = std::move(node);
+  return Status::ok();
+}
+
+void BlockBackend::detach() noexcept {
+  if (!root_) return;
+  root_->detach(*this);
+  root_.reset();
+}
+
+int BlockBackend::check_range(uint64_t offset, uint64_t length) const noexcept {
+  if (!root_) return -ENOMEDIUM;
+  const uint64_t size = static_cast<uint64_t>(root_->size());
+  if (offset > size || length > size - offset) return -EINVAL;
+  return 0;
+}
+
+Task<int64_t> BlockBackend::read(uint64_t offset, uint64_t length, void* buffer,
+                                 uint32_t flags) noexcept {
+  if (int ret = check_range(offset, length)) co_return ret;
+  InFlight guard(*this);
+  co_return co_await root_->read(offset, length, buffer, flags);
+}
+
+Task<int64_t> BlockBackend::write(uint64_t offset, uint64_t length, const void* buffer,
+                                  uint32_t flags) noexcept {
+  if (int ret = check_range(offset, length)) co_return ret;
+  InFlight guard(*this);
+  int64_t ret = co_await root_->write(offset, length, buffer, flags);
+  if (ret >= 0 && writethrough_ && !(flags & kRequestFua)) ret = co_await root_->flush();
+  co_return ret;
+}
+
+Task<int64_t> BlockBackend::flush() noexcept {
+  if (!root_) co_return -ENOMEDIUM;
+  InFlight guard(*this);
+  co_return co_await root_->flush();
+}
+
+Task<int64_t> BlockBackend::discard(uint64_t offset, uint64_t length) noexcept {
+  if (int ret = check_range(offset, length)) co_return ret;
+  InFlight guard(*this);
+  co_return co_await root_->discard(offset, length);
+}
+
+Task<int64_t> BlockBackend::write_zeroes(uint64_t offset, uint64_t length, uint32_t flags) noexcept {
+  if (int ret = check_range(offset, length)) co_return ret;
+  InFlight guard(*this);
+  int64_t ret = co_await root_->write_zeroes(offset, length, flags);
+  if (ret >= 0 && writethrough_ && !(flags & kRequestFua)) ret = co_await root_->flush();
+  co_return ret;
+}
+
+Task<BlockStatus> BlockBackend::block_status(uint64_t offset, uint64_t length) noexcept {
+  if (int ret = check_range(offset, length)) co_return BlockStatus{ret, 0};
+  InFlight guard(*this);
+  co_return co_await root_->block_status(offset, length);
+}
+
+Task<int64_t> BlockBackend::cache(uint64_t offset, uint64_t length) noexcept {
+  if (int ret = check_range(offset, length)) co_return ret;
+  InFlight guard(*this);
+  co_return co_await root_->cache(offset, length);
+}
+
+Task<void> BlockBackend::drain() noexcept {
+  while (in_flight_ > 0) co_await idle_.wait();
+}
+
+}  // namespace blockd::block

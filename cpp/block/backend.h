@@ -1,0 +1,62 @@
+// BlockBackend: the handle through which an export (and later a device) uses a node.
+//
+// It holds permissions on its root node like any other use, keeps the node alive, counts requests
+// in flight so the graph can be drained before it changes, and applies per-user policy: bounds
+// checks and writethrough (a flush after every write).
+//
+// Threads: attach/detach on the main loop; the I/O methods on the node's loop.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "block/node.h"
+#include "runtime/event.h"
+
+namespace blockd::block {
+
+class BlockBackend final : public User {
+ public:
+  // `description` names the user in permission conflicts, e.g. "block export 'exp0'".
+  explicit BlockBackend(std::string description);
+  ~BlockBackend() override;
+  std::string user_description() const override { return description_; }
+
+  // Attaches to `node` taking `permissions` and sharing `shared`. Fails with the conflict, leaving
+  // the backend detached.
+  Status attach(std::shared_ptr<Node> node, uint32_t permissions, uint32_t shared);
+  // Releases the node. In-flight requests must have been drained first.
+  void detach() noexcept;
+
+  Node* root() const noexcept { return root_.get(); }
+  int64_t size() const noexcept { return root_ ? root_->size() : 0; }
+  void set_writethrough(bool on) noexcept { writethrough_ = on; }
+  bool writethrough() const noexcept { return writethrough_; }
+
+  // Data path. Requests beyond the end of the node fail with -EINVAL (reads, writes, zeroes) as in
+  // QEMU's blk_check_byte_request; requests on a detached backend fail with -ENOMEDIUM.
+  Task<int64_t> read(uint64_t offset, uint64_t length, void* buffer, uint32_t flags) noexcept;
+  Task<int64_t> write(uint64_t offset, uint64_t length, const void* buffer, uint32_t flags) noexcept;
+  Task<int64_t> flush() noexcept;
+  Task<int64_t> discard(uint64_t offset, uint64_t length) noexcept;
+  Task<int64_t> write_zeroes(uint64_t offset, uint64_t length, uint32_t flags) noexcept;
+  Task<BlockStatus> block_status(uint64_t offset, uint64_t length) noexcept;
+  Task<int64_t> cache(uint64_t offset, uint64_t length) noexcept;
+
+  // Number of requests currently in flight through this backend.
+  uint64_t in_flight() const noexcept { return in_flight_; }
+  // Completes once no request is in flight (immediately if none is).
+  Task<void> drain() noexcept;
+
+ private:
+  struct InFlight;
+  int check_range(uint64_t offset, uint64_t length) const noexcept;
+
+  std::string description_;
+  std::shared_ptr<Node> root_;
+  bool writethrough_ = false;
+  uint64_t in_flight_ = 0;
+  Event idle_;
+};
+
+}  // namespace blockd::block
