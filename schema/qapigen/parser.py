@@ -132,7 +132,8 @@ class _Lexer:
             if raw == "##":
                 break
             if not raw.startswith("#"):
-                raise self.error("documentation block line must start with '#'")
+                raise self.error(f"documentation block is not closed with '##' before line "
+                                 f"{self.line}", start_line)
             body = raw[1:]
             if body and not body.startswith(" "):
                 raise self.error("documentation text must follow '# ' (hash, space)")
