@@ -582,7 +582,7 @@ CPP_RESERVED = {
     "throw", "true", "try", "typedef", "typeid", "typename", "union", "unsigned", "using",
     "virtual", "void", "volatile", "wchar_t", "while", "xor", "xor_eq",
     # Names that system headers define as macros.
-    "errno", "unix", "linux", "stdin", "stdout", "stderr", "assert", "major", "minor",
+    "errno", "unix", "linux", "stdin", "stdout", "stderr",
 }
 
 
