@@ -81,13 +81,15 @@ void Loop::post(std::function<void()> work) {
   }
 }
 
-void Loop::run_posted() {
+bool Loop::run_posted() {
   {
     std::lock_guard lock(posted_mutex_);
     running_posted_.swap(posted_);
   }
+  const bool ran = !running_posted_.empty();
   for (auto& work : running_posted_) work();
   running_posted_.clear();
+  return ran;
 }
 
 void Loop::spawn(Task<void> task) {
@@ -100,14 +102,17 @@ void Loop::spawn(Task<void> task) {
 }
 
 void Loop::iterate(bool may_block) {
-  run_posted();
+  // Posted work may be what run_until waits for (a worker thread's completion resumes a task),
+  // so an iteration that ran some does not block: the caller re-checks its condition first.
+  const bool ran_posted = run_posted();
   arm_wakeup();
   bool has_posted;
   {
     std::lock_guard lock(posted_mutex_);
     has_posted = !posted_.empty();
   }
-  const bool block = may_block && !has_posted && !stop_requested_.load(std::memory_order_relaxed);
+  const bool block = may_block && !ran_posted && !has_posted &&
+                     !stop_requested_.load(std::memory_order_relaxed);
   int ret = block ? io_uring_submit_and_wait(&ring_, 1) : io_uring_submit(&ring_);
   (void)ret;  // -EINTR and -EBUSY are retried by the next iteration
   pending_submissions_ = 0;

@@ -194,7 +194,8 @@ class Loop {
   Status init();
   void iterate(bool may_block);
   void arm_wakeup();
-  void run_posted();
+  // Runs the work posted so far; returns whether there was any.
+  bool run_posted();
 
   template <typename T>
   static Task<void> run_and_fulfil(Task<T> task, std::promise<T>& promise) {
