@@ -1,0 +1,217 @@
+// raw format driver tests, over file and null-co nodes.
+#include "drivers/raw.h"
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <numeric>
+#include <vector>
+
+#include "../block/test_support.h"
+#include "block/backend.h"
+#include "drivers/file.h"
+#include "drivers/null.h"
+
+namespace blockd::drivers {
+namespace {
+
+using testing::run;
+
+class RawTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    path_ = dir_.file("img");
+    int fd = open(path_.c_str(), O_CREAT | O_RDWR, 0644);
+    ASSERT_GE(fd, 0);
+    // 1 MiB with a recognisable pattern: byte i holds i % 251.
+    image_.resize(1 << 20);
+    for (size_t i = 0; i < image_.size(); ++i) image_[i] = static_cast<char>(i % 251);
+    ASSERT_EQ(pwrite(fd, image_.data(), image_.size(), 0), static_cast<ssize_t>(image_.size()));
+    close(fd);
+  }
+
+  std::shared_ptr<block::Node> file_node(const std::string& path = "") {
+    FileOptions options;
+    options.filename = path.empty() ? path_ : path;
+    auto node = open_file_node(block::NodeOptions{.node_name = "file0"}, options, *loop_);
+    EXPECT_TRUE(node.has_value()) << node.status().message();
+    return *node;
+  }
+
+  Expected<std::shared_ptr<block::Node>> raw(const RawOptions& options,
+                                             std::shared_ptr<block::Node> file = nullptr) {
+    return open_raw_node(block::NodeOptions{.node_name = "raw0"}, options,
+                         file ? file : file_node(), *loop_);
+  }
+
+  std::vector<char> pread_file(uint64_t offset, size_t length) {
+    std::vector<char> out(length);
+    int fd = open(path_.c_str(), O_RDONLY);
+    EXPECT_EQ(pread(fd, out.data(), length, offset), static_cast<ssize_t>(length));
+    close(fd);
+    return out;
+  }
+
+  std::unique_ptr<Loop> loop_ = testing::make_loop();
+  testing::TempDir dir_;
+  std::string path_;
+  std::vector<char> image_;
+};
+
+TEST_F(RawTest, PlainRawPassesThrough) {
+  auto node = raw({});
+  ASSERT_TRUE(node.has_value()) << node.status().message();
+  EXPECT_EQ((*node)->driver_name(), "raw");
+  EXPECT_EQ((*node)->size(), 1 << 20);
+  EXPECT_EQ((*node)->filename(), path_);
+  EXPECT_EQ((*node)->open_options(),
+            nlohmann::json({{"driver", "raw"}, {"file", {{"driver", "file"}, {"filename", path_}}}}));
+
+  std::vector<char> buffer(8192);
+  EXPECT_EQ(run(*loop_, (*node)->read(4096, buffer.size(), buffer.data(), 0)), 0);
+  EXPECT_EQ(buffer, std::vector<char>(image_.begin() + 4096, image_.begin() + 4096 + 8192));
+  std::vector<char> data(1000, 'w');
+  EXPECT_EQ(run(*loop_, (*node)->write(12345, data.size(), data.data(), block::kRequestFua)), 0);
+  EXPECT_EQ(pread_file(12345, data.size()), data);
+  EXPECT_EQ(run(*loop_, (*node)->flush()), 0);
+}
+
+TEST_F(RawTest, OffsetAndSizeWindow) {
+  auto node = raw({.offset = 4096, .size = 65536});
+  ASSERT_TRUE(node.has_value()) << node.status().message();
+  EXPECT_EQ((*node)->size(), 65536);
+  EXPECT_EQ((*node)->filename(), "json:{\"offset\": 4096, \"driver\": \"raw\", \"size\": 65536, "
+                                 "\"file\": {\"driver\": \"file\", \"filename\": \"" +
+                                     path_ + "\"}}");
+  std::vector<char> buffer(512);
+  EXPECT_EQ(run(*loop_, (*node)->read(0, buffer.size(), buffer.data(), 0)), 0);
+  EXPECT_EQ(buffer, std::vector<char>(image_.begin() + 4096, image_.begin() + 4096 + 512));
+  std::vector<char> data(512, 'z');
+  EXPECT_EQ(run(*loop_, (*node)->write(65536 - 512, 512, data.data(), 0)), 0);
+  EXPECT_EQ(pread_file(4096 + 65536 - 512, 512), data);
+  EXPECT_EQ(pread_file(4096 + 65536, 16), std::vector<char>(image_.begin() + 4096 + 65536,
+                                                            image_.begin() + 4096 + 65536 + 16));
+  // The window is enforced by the node itself.
+  EXPECT_EQ(run(*loop_, (*node)->write(65536 - 256, 512, data.data(), 0)), -EINVAL);
+  EXPECT_EQ(run(*loop_, (*node)->read(65536, 1, buffer.data(), 0)), -EINVAL);
+}
+
+TEST_F(RawTest, ExplicitZeroOffsetUsesJsonName) {
+  auto node = raw({.offset = 0});
+  ASSERT_TRUE(node.has_value());
+  EXPECT_EQ((*node)->filename(), "json:{\"offset\": 0, \"driver\": \"raw\", \"file\": {\"driver\": "
+                                 "\"file\", \"filename\": \"" +
+                                     path_ + "\"}}");
+}
+
+TEST_F(RawTest, UnalignedOffsetRoundsSizeUpAndReadsZeroesPastTheEnd) {
+  // As QEMU: offset 100 leaves 1048476 bytes, shown as 1048576 (whole sectors).
+  auto node = raw({.offset = 100});
+  ASSERT_TRUE(node.has_value());
+  EXPECT_EQ((*node)->size(), 1 << 20);
+  std::vector<char> buffer(512, 'x');
+  EXPECT_EQ(run(*loop_, (*node)->read((1 << 20) - 512, 512, buffer.data(), 0)), 0);
+  std::vector<char> expected(image_.end() - 412, image_.end());
+  expected.resize(512, 0);
+  EXPECT_EQ(buffer, expected);
+}
+
+TEST_F(RawTest, OpenErrorsAsQemu) {
+  auto node = raw({.offset = 2000000});
+  ASSERT_FALSE(node.has_value());
+  EXPECT_EQ(node.status().message(),
+            "Offset (2000000) cannot be greater than size of the containing file (1048576)");
+  node = raw({.offset = 512, .size = 1048576});
+  ASSERT_FALSE(node.has_value());
+  EXPECT_EQ(node.status().message(),
+            "The sum of offset (512) and size (1048576) has to be smaller or equal to the  actual "
+            "size of the containing file (1048576)");
+  node = raw({.offset = 1000, .size = 100});
+  ASSERT_FALSE(node.has_value());
+  EXPECT_EQ(node.status().message(), "Specified size is not multiple of 512");
+  // Offset at the very end and an empty window are allowed.
+  EXPECT_TRUE(raw({.offset = 1 << 20}).has_value());
+  auto empty = raw({.offset = 512, .size = 0});
+  ASSERT_TRUE(empty.has_value());
+  EXPECT_EQ((*empty)->size(), 0);
+}
+
+TEST_F(RawTest, FailedOpenReleasesTheChild) {
+  auto file = file_node();
+  ASSERT_FALSE(raw({.offset = 2000000}, file).has_value());
+  EXPECT_TRUE(file->users().empty());
+}
+
+TEST_F(RawTest, DiscardAndZeroesHonourTheDiscardOption) {
+  auto blocks = [&] {
+    struct stat st;
+    EXPECT_EQ(stat(path_.c_str(), &st), 0);
+    return st.st_blocks;
+  };
+  // discard=ignore on the raw node: nothing reaches the file.
+  auto file = file_node();
+  auto ignoring = raw({}, file);
+  ASSERT_TRUE(ignoring.has_value());
+  const auto before = blocks();
+  EXPECT_EQ(run(*loop_, (*ignoring)->discard(0, 262144)), 0);
+  EXPECT_EQ(blocks(), before);
+
+  // discard=unmap on both raw and file: the hole is punched, at the raw offset.
+  FileOptions file_options;
+  file_options.filename = path_;
+  auto unmapping_file =
+      open_file_node(block::NodeOptions{.node_name = "f1", .discard = "unmap"}, file_options, *loop_);
+  ASSERT_TRUE(unmapping_file.has_value());
+  auto unmapping = open_raw_node(block::NodeOptions{.node_name = "r1", .discard = "unmap"},
+                                 {.offset = 65536}, *unmapping_file, *loop_);
+  ASSERT_TRUE(unmapping.has_value());
+  EXPECT_EQ(run(*loop_, (*unmapping)->discard(0, 262144)), 0);
+  EXPECT_LT(blocks(), before);
+  EXPECT_EQ(pread_file(65536, 262144), std::vector<char>(262144, 0));
+  EXPECT_EQ(pread_file(0, 65536), std::vector<char>(image_.begin(), image_.begin() + 65536));
+
+  auto status = run(*loop_, (*unmapping)->block_status(0, 1 << 20));
+  EXPECT_EQ(status.bytes, 262144);
+  EXPECT_EQ(status.flags, block::kStatusZero | block::kStatusAllocated);
+  status = run(*loop_, (*unmapping)->block_status(262144, 1 << 20));
+  EXPECT_EQ(status.flags, block::kStatusData | block::kStatusAllocated);
+
+  EXPECT_EQ(run(*loop_, (*unmapping)->write_zeroes(300000, 1000, block::kRequestMayUnmap)), 0);
+  EXPECT_EQ(pread_file(65536 + 300000, 1000), std::vector<char>(1000, 0));
+}
+
+TEST_F(RawTest, OverNullNode) {
+  auto null = open_null_node(block::NodeOptions{.node_name = "n3", .read_only = true},
+                             {.size = 1000}, *loop_);
+  ASSERT_TRUE(null.has_value());
+  auto node = raw({}, *null);
+  ASSERT_TRUE(node.has_value());
+  EXPECT_EQ((*node)->size(), 1024);
+  // A child known only by a json: name makes the raw node's name json: too (as QEMU).
+  EXPECT_EQ((*node)->filename(),
+            "json:{\"driver\": \"raw\", \"file\": {\"driver\": \"null-co\", \"size\": 1000}}");
+  auto status = run(*loop_, (*node)->block_status(0, 1024));
+  EXPECT_EQ(status.bytes, 1024);
+  EXPECT_EQ(status.flags, 0u);
+}
+
+TEST_F(RawTest, BackendWriteOnRawTakesWriteOnFile) {
+  auto file = file_node();
+  auto node = raw({}, file);
+  ASSERT_TRUE(node.has_value());
+  block::BlockBackend backend("block export 'exp0'");
+  ASSERT_TRUE(backend.attach(*node, block::kPermConsistentRead | block::kPermWrite,
+                             block::kPermAll));
+  ASSERT_EQ(file->users().size(), 1u);
+  EXPECT_TRUE(file->users()[0]->permissions() & block::kPermWrite);
+  std::vector<char> data(4096, 'q');
+  EXPECT_EQ(run(*loop_, backend.write(0, data.size(), data.data(), 0)), 0);
+  EXPECT_EQ(pread_file(0, 4096), data);
+  backend.detach();
+  EXPECT_EQ(file->users()[0]->permissions(), 0u);
+}
+
+}  // namespace
+}  // namespace blockd::drivers
