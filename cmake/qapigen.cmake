@@ -47,7 +47,11 @@ function(blockd_qapigen TARGET_NAME)
   foreach(name types visit commands events introspect runtime)
     list(APPEND sources "${out_dir}/${name}.cc")
   endforeach()
+  # Users of the generated headers depend on this target so that generation runs before they
+  # compile (a link dependency alone does not order compilation).
+  add_custom_target(${TARGET_NAME}_generate DEPENDS "${stamp}")
   add_library(${TARGET_NAME} STATIC ${sources})
+  add_dependencies(${TARGET_NAME} ${TARGET_NAME}_generate)
   target_include_directories(${TARGET_NAME} PUBLIC
     "${CMAKE_BINARY_DIR}/generated"
     "${root}/cpp")
