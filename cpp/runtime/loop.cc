@@ -82,14 +82,15 @@ void Loop::post(std::function<void()> work) {
 }
 
 bool Loop::run_posted() {
+  // The batch is local: posted work may itself run the loop (run_until from a QMP handler waiting
+  // for I/O), and that nested run must neither see nor re-run the batch being executed.
+  std::vector<std::function<void()>> batch;
   {
     std::lock_guard lock(posted_mutex_);
-    running_posted_.swap(posted_);
+    batch.swap(posted_);
   }
-  const bool ran = !running_posted_.empty();
-  for (auto& work : running_posted_) work();
-  running_posted_.clear();
-  return ran;
+  for (auto& work : batch) work();
+  return !batch.empty();
 }
 
 void Loop::spawn(Task<void> task) {
