@@ -1,0 +1,792 @@
+// An NBD client connection: the fixed newstyle handshake and the transmission phase of
+// NetworkBlockDevice/nbd doc/proto.md.
+//
+// Handshake: the server greets with NBDMAGIC, IHAVEOPT and the handshake flags FIXED_NEWSTYLE and
+// NO_ZEROES; the client answers with its flags (unknown flags end the connection) and sends
+// options until one of them (EXPORT_NAME or GO) starts the transmission phase. Supported options:
+// EXPORT_NAME, ABORT, LIST, INFO, GO (with INFO_EXPORT, NAME, DESCRIPTION and BLOCK_SIZE),
+// STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT (base:allocation). STARTTLS is refused
+// with NBD_REP_ERR_POLICY; other options get NBD_REP_ERR_UNSUP. A client that has not finished the
+// handshake within ServerOptions::handshake_timeout is dropped.
+//
+// Transmission: READ (structured data and hole chunks when structured replies were negotiated,
+// simple replies otherwise; DF), WRITE (FUA), FLUSH, TRIM, WRITE_ZEROES (NO_HOLE, FAST_ZERO),
+// CACHE, BLOCK_STATUS (base:allocation, REQ_ONE) and DISC. Requests run concurrently and are
+// answered as they complete.
+#include "exports/nbd/connection.h"
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+
+namespace blockd::exports::nbd {
+
+// ---- Buffers.
+
+Buffer::Buffer(size_t capacity) {
+  const size_t rounded = (std::max<size_t>(capacity, 1) + 4095) & ~size_t(4095);
+  data_ = static_cast<uint8_t*>(std::aligned_alloc(4096, rounded));
+  capacity_ = data_ ? rounded : 0;
+}
+Buffer::Buffer(Buffer&& other) noexcept
+    : data_(std::exchange(other.data_, nullptr)), capacity_(std::exchange(other.capacity_, 0)) {}
+Buffer& Buffer::operator=(Buffer&& other) noexcept {
+  if (this != &other) {
+    std::free(data_);
+    data_ = std::exchange(other.data_, nullptr);
+    capacity_ = std::exchange(other.capacity_, 0);
+  }
+  return *this;
+}
+Buffer::~Buffer() { std::free(data_); }
+
+Buffer BufferPool::get(size_t size) {
+  size_t rounded = 4096;
+  while (rounded < size) rounded <<= 1;
+  if (rounded <= kMaxCachedSize) {
+    for (auto it = free_.begin(); it != free_.end(); ++it) {
+      if (it->capacity() == rounded) {
+        Buffer buffer = std::move(*it);
+        *it = std::move(free_.back());
+        free_.pop_back();
+        return buffer;
+      }
+    }
+    return Buffer(rounded);
+  }
+  return Buffer(size);
+}
+
+void BufferPool::put(Buffer buffer) {
+  if (!buffer || buffer.capacity() > kMaxCachedSize || free_.size() >= kMaxCachedCount) return;
+  free_.push_back(std::move(buffer));
+}
+
+// ---- Connection.
+
+Connection::Connection(Server& server, int fd) : server_(server), loop_(server.loop()), fd_(fd) {}
+
+Connection::~Connection() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void Connection::disconnect() noexcept {
+  if (disconnected_ || fd_ < 0) return;
+  disconnected_ = true;
+  closing_ = true;
+  ::shutdown(fd_, SHUT_RDWR);
+}
+
+Task<bool> Connection::read_exact(void* buffer, size_t length) {
+  auto* bytes = static_cast<uint8_t*>(buffer);
+  while (length > 0) {
+    const int got = co_await loop_.recv(fd_, bytes, length, 0);
+    if (got <= 0) {
+      if (got == -EINTR || got == -EAGAIN) continue;
+      co_return false;
+    }
+    bytes += got;
+    length -= static_cast<size_t>(got);
+  }
+  co_return true;
+}
+
+Task<bool> Connection::discard(uint64_t length) {
+  uint8_t scratch[16384];
+  while (length > 0) {
+    const size_t chunk = std::min<uint64_t>(length, sizeof scratch);
+    if (!co_await read_exact(scratch, chunk)) co_return false;
+    length -= chunk;
+  }
+  co_return true;
+}
+
+Task<bool> Connection::send_all(iovec* iov, int count) {
+  while (count > 0) {
+    msghdr message{};
+    message.msg_iov = iov;
+    message.msg_iovlen = static_cast<size_t>(std::min(count, IOV_MAX));
+    const int sent = co_await loop_.sendmsg(fd_, &message, MSG_NOSIGNAL);
+    if (sent < 0) {
+      if (sent == -EINTR || sent == -EAGAIN) continue;
+      co_return false;
+    }
+    size_t left = static_cast<size_t>(sent);
+    while (count > 0 && left >= iov->iov_len) {
+      left -= iov->iov_len;
+      ++iov;
+      --count;
+    }
+    if (count > 0) {
+      iov->iov_base = static_cast<uint8_t*>(iov->iov_base) + left;
+      iov->iov_len -= left;
+    }
+  }
+  co_return true;
+}
+
+Task<bool> Connection::send_bytes(const void* data, size_t length) {
+  iovec iov{const_cast<void*>(data), length};
+  co_return co_await send_all(&iov, 1);
+}
+
+// ---- Handshake.
+
+Task<bool> Connection::send_option_reply(uint32_t option, uint32_t type,
+                                         std::span<const uint8_t> data) {
+  uint8_t header[kOptionReplyHeaderSize];
+  store64(header, kOptionReplyMagic);
+  store32(header + 8, option);
+  store32(header + 12, type);
+  store32(header + 16, static_cast<uint32_t>(data.size()));
+  iovec iov[2] = {{header, sizeof header}, {const_cast<uint8_t*>(data.data()), data.size()}};
+  co_return co_await send_all(iov, data.empty() ? 1 : 2);
+}
+
+Task<bool> Connection::send_option_error(uint32_t option, uint32_t type,
+                                         std::string_view message) {
+  co_return co_await send_option_reply(
+      option, type,
+      std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(message.data()), message.size()));
+}
+
+Task<bool> Connection::send_info(uint32_t option, uint16_t type, std::span<const uint8_t> data) {
+  std::vector<uint8_t> payload(2 + data.size());
+  store16(payload.data(), type);
+  std::copy(data.begin(), data.end(), payload.begin() + 2);
+  co_return co_await send_option_reply(option, kRepInfo, payload);
+}
+
+void Connection::attach(NbdExport* nbd_export) {
+  export_ = nbd_export->shared_from_this();
+  ++export_->clients_;
+  export_->clients_changed_.notify_all();
+}
+
+Task<void> Connection::watchdog(std::shared_ptr<Connection> self) {
+  auto timer = self->loop_.sleep(self->server_.options().handshake_timeout);
+  self->watchdog_timer_ = &timer;
+  const int result = co_await timer;
+  self->watchdog_timer_ = nullptr;
+  if (result == 0 && !self->handshake_done_) self->disconnect();
+}
+
+namespace {
+
+std::span<const uint8_t> as_bytes(std::string_view text) {
+  return {reinterpret_cast<const uint8_t*>(text.data()), text.size()};
+}
+
+}  // namespace
+
+Task<bool> Connection::handshake() {
+  uint8_t greeting[18];
+  store64(greeting, kNbdMagic);
+  store64(greeting + 8, kOptionMagic);
+  store16(greeting + 16, kFlagFixedNewstyle | kFlagNoZeroes);
+  if (!co_await send_bytes(greeting, sizeof greeting)) co_return false;
+
+  uint8_t client_flags_bytes[4];
+  if (!co_await read_exact(client_flags_bytes, 4)) co_return false;
+  const uint32_t client_flags = load32(client_flags_bytes);
+  if (client_flags & ~(kClientFlagFixedNewstyle | kClientFlagNoZeroes)) co_return false;
+  fixed_newstyle_ = client_flags & kClientFlagFixedNewstyle;
+  no_zeroes_ = client_flags & kClientFlagNoZeroes;
+
+  std::vector<uint8_t> payload;
+  while (true) {
+    uint8_t header[kOptionHeaderSize];
+    if (!co_await read_exact(header, sizeof header)) co_return false;
+    if (load64(header) != kOptionMagic) co_return false;
+    const uint32_t option = load32(header + 8);
+    const uint32_t length = load32(header + 12);
+    if (!fixed_newstyle_ && option != kOptExportName) co_return false;
+    if (length > kMaxOptionLength) {
+      if (option == kOptExportName) co_return false;
+      if (!co_await discard(length)) co_return false;
+      if (!co_await send_option_error(option, kRepErrTooBig, "option payload too long")) {
+        co_return false;
+      }
+      continue;
+    }
+    payload.resize(length);
+    if (length > 0 && !co_await read_exact(payload.data(), length)) co_return false;
+
+    switch (option) {
+      case kOptExportName: {
+        if (length > kMaxStringLength) co_return false;
+        std::string name(payload.begin(), payload.end());
+        NbdExport* found = server_.find_export(name);
+        if (found == nullptr) co_return false;
+        attach(found);
+        if (meta_context_export_ != name) base_allocation_ = false;
+        flags_ = transmission_flags(export_->writable(), structured_replies_,
+                                    server_.options().max_connections != 1);
+        uint8_t reply[10 + 124] = {};
+        store64(reply, static_cast<uint64_t>(export_->backend().size()));
+        store16(reply + 8, flags_);
+        co_return co_await send_bytes(reply, no_zeroes_ ? 10 : sizeof reply);
+      }
+
+      case kOptAbort:
+        (void)co_await send_option_reply(option, kRepAck, {});
+        co_return false;
+
+      case kOptList: {
+        if (length != 0) {
+          if (!co_await send_option_error(option, kRepErrInvalid,
+                                          "NBD_OPT_LIST must have no payload")) {
+            co_return false;
+          }
+          break;
+        }
+        // Encoded before sending: exports may go away while the replies are sent.
+        std::vector<std::vector<uint8_t>> entries;
+        for (NbdExport* listed : server_.exports()) {
+          std::vector<uint8_t> entry(4 + listed->name().size() + listed->description().size());
+          store32(entry.data(), static_cast<uint32_t>(listed->name().size()));
+          std::copy(listed->name().begin(), listed->name().end(), entry.begin() + 4);
+          std::copy(listed->description().begin(), listed->description().end(),
+                    entry.begin() + 4 + static_cast<ptrdiff_t>(listed->name().size()));
+          entries.push_back(std::move(entry));
+        }
+        bool failed = false;
+        for (const auto& entry : entries) {
+          if (!co_await send_option_reply(option, kRepServer, entry)) {
+            failed = true;
+            break;
+          }
+        }
+        if (failed) co_return false;
+        if (!co_await send_option_reply(option, kRepAck, {})) co_return false;
+        break;
+      }
+
+      case kOptStartTls:
+        if (!co_await send_option_error(
+                option, length != 0 ? kRepErrInvalid : kRepErrPolicy,
+                length != 0 ? "NBD_OPT_STARTTLS must have no payload"
+                            : "TLS is not enabled on this server")) {
+          co_return false;
+        }
+        break;
+
+      case kOptInfo:
+      case kOptGo: {
+        auto request = parse_info_request(payload);
+        if (!request) {
+          if (!co_await send_option_error(option, kRepErrInvalid,
+                                          std::string("malformed ") +
+                                              std::string(option_name(option)) + " payload")) {
+            co_return false;
+          }
+          break;
+        }
+        NbdExport* found = server_.find_export(request->name);
+        if (found == nullptr) {
+          if (!co_await send_option_error(option, kRepErrUnknown,
+                                          "export '" + request->name + "' not present")) {
+            co_return false;
+          }
+          break;
+        }
+        bool want_name = false;
+        bool want_description = false;
+        bool want_block_size = false;
+        for (uint16_t type : request->info_types) {
+          want_name |= type == kInfoName;
+          want_description |= type == kInfoDescription;
+          want_block_size |= type == kInfoBlockSize;
+        }
+        // Everything the replies carry is taken now: the export may go away while they are sent
+        // (a GO client is attached, and so dropped by the removal).
+        const std::string name = found->name();
+        const std::string description = found->description();
+        const uint32_t alignment =
+            want_block_size ? std::max<uint32_t>(1, found->backend().root()->request_alignment())
+                            : 1;
+        const uint64_t size = static_cast<uint64_t>(found->backend().size());
+        const uint16_t flags = transmission_flags(found->writable(), structured_replies_,
+                                                  server_.options().max_connections != 1);
+        if (option == kOptGo) attach(found);
+        if (want_name && !co_await send_info(option, kInfoName, as_bytes(name))) co_return false;
+        if (want_description && !description.empty() &&
+            !co_await send_info(option, kInfoDescription, as_bytes(description))) {
+          co_return false;
+        }
+        uint8_t sizes[12];
+        store32(sizes, alignment);
+        store32(sizes + 4, std::max<uint32_t>(4096, alignment));
+        store32(sizes + 8, kMaxPayload);
+        if (!co_await send_info(option, kInfoBlockSize, sizes)) co_return false;
+        uint8_t info[10];
+        store64(info, size);
+        store16(info + 8, flags);
+        if (!co_await send_info(option, kInfoExport, info)) co_return false;
+        if (!co_await send_option_reply(option, kRepAck, {})) co_return false;
+        if (option == kOptGo) {
+          if (meta_context_export_ != request->name) base_allocation_ = false;
+          flags_ = flags;
+          co_return true;
+        }
+        break;
+      }
+
+      case kOptStructuredReply:
+        if (length != 0) {
+          if (!co_await send_option_error(option, kRepErrInvalid,
+                                          "NBD_OPT_STRUCTURED_REPLY must have no payload")) {
+            co_return false;
+          }
+          break;
+        }
+        structured_replies_ = true;
+        if (!co_await send_option_reply(option, kRepAck, {})) co_return false;
+        break;
+
+      case kOptListMetaContext:
+      case kOptSetMetaContext: {
+        const bool list = option == kOptListMetaContext;
+        // SET replaces the previous selection, even when it fails.
+        if (!list) {
+          base_allocation_ = false;
+          meta_context_export_.clear();
+        }
+        if (!structured_replies_) {
+          if (!co_await send_option_error(option, kRepErrInvalid,
+                                          "structured replies were not negotiated")) {
+            co_return false;
+          }
+          break;
+        }
+        auto request = parse_meta_context_request(payload);
+        if (!request) {
+          if (!co_await send_option_error(option, kRepErrInvalid,
+                                          std::string("malformed ") +
+                                              std::string(option_name(option)) + " payload")) {
+            co_return false;
+          }
+          break;
+        }
+        if (server_.find_export(request->name) == nullptr) {
+          if (!co_await send_option_error(option, kRepErrUnknown,
+                                          "export '" + request->name + "' not present")) {
+            co_return false;
+          }
+          break;
+        }
+        const auto selected = match_meta_contexts(request->queries, list);
+        bool failed = false;
+        for (std::string_view context : selected) {
+          std::vector<uint8_t> entry(4 + context.size());
+          store32(entry.data(), list ? 0 : kBaseAllocationId);
+          std::copy(context.begin(), context.end(), entry.begin() + 4);
+          if (!co_await send_option_reply(option, kRepMetaContext, entry)) {
+            failed = true;
+            break;
+          }
+        }
+        if (failed) co_return false;
+        if (!list && !selected.empty()) {
+          base_allocation_ = true;
+          meta_context_export_ = request->name;
+        }
+        if (!co_await send_option_reply(option, kRepAck, {})) co_return false;
+        break;
+      }
+
+      default:
+        if (!co_await send_option_error(
+                option, kRepErrUnsup,
+                "option " + std::to_string(option) + " (" + std::string(option_name(option)) +
+                    ") is not supported")) {
+          co_return false;
+        }
+        break;
+    }
+  }
+}
+
+// ---- Transmission.
+
+void Connection::SendAwaiter::await_suspend(std::coroutine_handle<> handle) noexcept {
+  reply->waiter = handle;
+  reply->next = nullptr;
+  if (connection->queue_tail_) {
+    connection->queue_tail_->next = reply;
+  } else {
+    connection->queue_head_ = reply;
+  }
+  connection->queue_tail_ = reply;
+  if (connection->queue_changed_.has_waiters()) connection->queue_changed_.notify_all();
+}
+
+Task<void> Connection::writer() {
+  std::vector<iovec> iov;
+  std::vector<PendingReply*> batch;
+  while (true) {
+    while (queue_head_ == nullptr && !writer_stop_) co_await queue_changed_.wait();
+    if (queue_head_ == nullptr) break;
+    // Take everything ready now, up to what one sendmsg can carry.
+    iov.clear();
+    batch.clear();
+    while (queue_head_ != nullptr &&
+           iov.size() + static_cast<size_t>(queue_head_->count) <= size_t(IOV_MAX)) {
+      PendingReply* reply = queue_head_;
+      queue_head_ = reply->next;
+      if (queue_head_ == nullptr) queue_tail_ = nullptr;
+      iov.insert(iov.end(), reply->iov, reply->iov + reply->count);
+      batch.push_back(reply);
+    }
+    if (!broken_ && !co_await send_all(iov.data(), static_cast<int>(iov.size()))) {
+      broken_ = true;
+      disconnect();
+    }
+    std::vector<std::coroutine_handle<>> ready;
+    ready.reserve(batch.size());
+    for (PendingReply* reply : batch) {
+      reply->sent = !broken_;
+      ready.push_back(reply->waiter);
+    }
+    for (auto handle : ready) handle.resume();
+  }
+  writer_done_ = true;
+  progress_.notify_all();
+}
+
+namespace {
+
+// Fills a simple reply header.
+void simple_reply(uint8_t* out, uint32_t error, uint64_t cookie) {
+  store32(out, kSimpleReplyMagic);
+  store32(out + 4, error);
+  store64(out + 8, cookie);
+}
+
+// Fills a structured reply chunk header.
+void chunk_header(uint8_t* out, uint16_t flags, uint16_t type, uint64_t cookie,
+                  uint32_t payload_length) {
+  store32(out, kStructuredReplyMagic);
+  store16(out + 4, flags);
+  store16(out + 6, type);
+  store64(out + 8, cookie);
+  store32(out + 16, payload_length);
+}
+
+uint32_t status_to_nbd_flags(uint32_t status) {
+  return ((status & block::kStatusData) ? 0 : kStateHole) |
+         ((status & block::kStatusZero) ? kStateZero : 0);
+}
+
+// Reads whose sparseness is worth a block-status query before reading; smaller reads are sent as
+// one data chunk (the query would cost more than the zeroes it saves).
+constexpr uint32_t kSparseReadThreshold = 64u << 10;
+constexpr int kMaxReadChunks = 8;
+constexpr int kMaxExtents = 256;
+
+}  // namespace
+
+Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request request,
+                                      uint32_t error, Buffer buffer) {
+  Connection& c = *self;
+  block::BlockBackend& backend = c.export_->backend();
+  PendingReply reply;
+  // Headers and metadata of the reply; the data itself stays in `buffer`.
+  uint8_t scratch[kChunkHeaderSize + 4 + kMaxExtents * 8 + kMaxReadChunks * (kChunkHeaderSize + 12)];
+  const bool structured = c.structured_replies_;
+  const uint64_t buffer_bytes = buffer.capacity();
+
+  auto fail = [&](uint32_t nbd_error) {
+    reply.count = 0;
+    reply.bytes = 0;
+    if (structured && (request.type == kCmdRead || request.type == kCmdBlockStatus)) {
+      chunk_header(scratch, kReplyFlagDone, kReplyTypeError, request.cookie, 6);
+      store32(scratch + kChunkHeaderSize, nbd_error);
+      store16(scratch + kChunkHeaderSize + 4, 0);
+      reply.add(scratch, kChunkHeaderSize + 6);
+    } else {
+      simple_reply(scratch, nbd_error, request.cookie);
+      reply.add(scratch, kSimpleReplySize);
+    }
+  };
+  auto ok = [&] {
+    simple_reply(scratch, 0, request.cookie);
+    reply.add(scratch, kSimpleReplySize);
+  };
+
+  if (error != 0) {
+    fail(error);
+  } else {
+    switch (request.type) {
+      case kCmdRead: {
+        const uint64_t offset = request.offset;
+        const uint32_t length = request.length;
+        if (!structured) {
+          const int64_t ret = length ? co_await backend.read(offset, length, buffer.data(), 0) : 0;
+          if (ret < 0) {
+            fail(errno_to_nbd(static_cast<int>(ret)));
+          } else {
+            simple_reply(scratch, 0, request.cookie);
+            reply.add(scratch, kSimpleReplySize);
+            if (length) reply.add(buffer.data(), length);
+          }
+          break;
+        }
+        if (length == 0) {
+          chunk_header(scratch, kReplyFlagDone, kReplyTypeNone, request.cookie, 0);
+          reply.add(scratch, kChunkHeaderSize);
+          break;
+        }
+        // Split the range into data and zero runs (at most kMaxReadChunks; the rest is data).
+        struct Run {
+          uint64_t start;
+          uint32_t length;
+          bool zero;
+        } runs[kMaxReadChunks];
+        int run_count = 0;
+        if (!(request.flags & kCmdFlagDf) && length >= kSparseReadThreshold) {
+          uint64_t position = offset;
+          const uint64_t end = offset + length;
+          while (position < end && run_count < kMaxReadChunks) {
+            block::BlockStatus status = co_await backend.block_status(position, end - position);
+            if (status.bytes <= 0) break;
+            const uint64_t bytes = std::min<uint64_t>(static_cast<uint64_t>(status.bytes),
+                                                      end - position);
+            const bool zero = status.flags & block::kStatusZero;
+            if (run_count > 0 && runs[run_count - 1].zero == zero) {
+              runs[run_count - 1].length += static_cast<uint32_t>(bytes);
+            } else if (run_count == kMaxReadChunks - 1) {
+              runs[run_count++] = {position, static_cast<uint32_t>(end - position), false};
+              position = end;
+              break;
+            } else {
+              runs[run_count++] = {position, static_cast<uint32_t>(bytes), zero};
+            }
+            position += bytes;
+          }
+          if (position < end) {
+            if (run_count > 0 && !runs[run_count - 1].zero) {
+              runs[run_count - 1].length += static_cast<uint32_t>(end - position);
+            } else if (run_count < kMaxReadChunks) {
+              runs[run_count++] = {position, static_cast<uint32_t>(end - position), false};
+            } else {
+              run_count = 0;  // cannot describe it: read it all as data
+            }
+          }
+        }
+        if (run_count == 0) runs[run_count++] = {offset, length, false};
+        int64_t ret = 0;
+        for (int i = 0; i < run_count && ret >= 0; ++i) {
+          if (runs[i].zero) continue;
+          ret = co_await backend.read(runs[i].start, runs[i].length,
+                                      buffer.data() + (runs[i].start - offset), 0);
+        }
+        if (ret < 0) {
+          fail(errno_to_nbd(static_cast<int>(ret)));
+          break;
+        }
+        uint8_t* header = scratch;
+        for (int i = 0; i < run_count; ++i) {
+          const uint16_t flags = i == run_count - 1 ? kReplyFlagDone : 0;
+          if (runs[i].zero) {
+            chunk_header(header, flags, kReplyTypeOffsetHole, request.cookie, 12);
+            store64(header + kChunkHeaderSize, runs[i].start);
+            store32(header + kChunkHeaderSize + 8, runs[i].length);
+            reply.add(header, kChunkHeaderSize + 12);
+            header += kChunkHeaderSize + 12;
+          } else {
+            chunk_header(header, flags, kReplyTypeOffsetData, request.cookie, 8 + runs[i].length);
+            store64(header + kChunkHeaderSize, runs[i].start);
+            reply.add(header, kChunkHeaderSize + 8);
+            reply.add(buffer.data() + (runs[i].start - offset), runs[i].length);
+            header += kChunkHeaderSize + 8;
+          }
+        }
+        break;
+      }
+      case kCmdWrite: {
+        const uint32_t flags = (request.flags & kCmdFlagFua) ? uint32_t{block::kRequestFua} : 0u;
+        const int64_t ret = request.length ? co_await backend.write(request.offset, request.length,
+                                                                    buffer.data(), flags)
+                                           : 0;
+        if (ret < 0) {
+          fail(errno_to_nbd(static_cast<int>(ret)));
+        } else {
+          ok();
+        }
+        break;
+      }
+      case kCmdFlush: {
+        const int64_t ret = co_await backend.flush();
+        if (ret < 0) {
+          fail(errno_to_nbd(static_cast<int>(ret)));
+        } else {
+          ok();
+        }
+        break;
+      }
+      case kCmdTrim: {
+        int64_t ret = request.length ? co_await backend.discard(request.offset, request.length) : 0;
+        if (ret >= 0 && (request.flags & kCmdFlagFua)) ret = co_await backend.flush();
+        if (ret < 0) {
+          fail(errno_to_nbd(static_cast<int>(ret)));
+        } else {
+          ok();
+        }
+        break;
+      }
+      case kCmdWriteZeroes: {
+        uint32_t flags = 0;
+        if (request.flags & kCmdFlagFua) flags |= block::kRequestFua;
+        if (!(request.flags & kCmdFlagNoHole)) flags |= block::kRequestMayUnmap;
+        if (request.flags & kCmdFlagFastZero) flags |= block::kRequestNoFallback;
+        const int64_t ret =
+            request.length ? co_await backend.write_zeroes(request.offset, request.length, flags)
+                           : 0;
+        if (ret < 0) {
+          fail(errno_to_nbd(static_cast<int>(ret)));
+        } else {
+          ok();
+        }
+        break;
+      }
+      case kCmdCache: {
+        const int64_t ret =
+            request.length ? co_await backend.cache(request.offset, request.length) : 0;
+        if (ret < 0) {
+          fail(errno_to_nbd(static_cast<int>(ret)));
+        } else {
+          ok();
+        }
+        break;
+      }
+      case kCmdBlockStatus: {
+        uint8_t* extents = scratch + kChunkHeaderSize + 4;
+        int count = 0;
+        uint64_t position = request.offset;
+        const uint64_t end = request.offset + request.length;
+        int64_t failure = 0;
+        uint32_t last_flags = 0;
+        while (position < end && count < kMaxExtents) {
+          block::BlockStatus status = co_await backend.block_status(position, end - position);
+          if (status.bytes <= 0) {
+            failure = status.bytes < 0 ? status.bytes : -EIO;
+            break;
+          }
+          const uint64_t bytes =
+              std::min<uint64_t>(static_cast<uint64_t>(status.bytes), end - position);
+          const uint32_t flags = status_to_nbd_flags(status.flags);
+          if (count > 0 && flags == last_flags) {
+            uint8_t* previous = extents + (count - 1) * 8;
+            store32(previous, load32(previous) + static_cast<uint32_t>(bytes));
+          } else {
+            store32(extents + count * 8, static_cast<uint32_t>(bytes));
+            store32(extents + count * 8 + 4, flags);
+            last_flags = flags;
+            ++count;
+          }
+          position += bytes;
+          if (request.flags & kCmdFlagReqOne) break;
+        }
+        if (count == 0) {
+          fail(errno_to_nbd(static_cast<int>(failure ? failure : -EIO)));
+          break;
+        }
+        const uint32_t payload = 4 + static_cast<uint32_t>(count) * 8;
+        chunk_header(scratch, kReplyFlagDone, kReplyTypeBlockStatus, request.cookie, payload);
+        store32(scratch + kChunkHeaderSize, kBaseAllocationId);
+        reply.add(scratch, kChunkHeaderSize + payload);
+        break;
+      }
+      default:
+        fail(kEinval);
+        break;
+    }
+  }
+
+  (void)co_await c.send(reply);
+
+  c.pool_.put(std::move(buffer));
+  c.buffered_bytes_ -= buffer_bytes;
+  --c.in_flight_;
+  c.progress_.notify_all();
+}
+
+Task<void> Connection::transmission() {
+  loop_.spawn(writer());
+  const RequestContext base{static_cast<uint64_t>(export_->backend().size()),
+                            export_->writable(), structured_replies_, base_allocation_};
+  const ServerOptions& options = server_.options();
+  uint8_t header[kRequestSize];
+  while (true) {
+    while (!closing_ && (in_flight_ >= options.max_requests_in_flight ||
+                         buffered_bytes_ >= options.max_buffered_bytes)) {
+      co_await progress_.wait();
+    }
+    if (closing_ || broken_) break;
+    if (!co_await read_exact(header, sizeof header)) break;
+    auto request = parse_request(std::span<const uint8_t, kRequestSize>(header, kRequestSize));
+    if (!request) break;  // the stream is out of sync: drop the client
+    if (request->type == kCmdDisc) break;
+
+    RequestContext context = base;
+    context.export_size = static_cast<uint64_t>(export_->backend().size());
+    const uint32_t error = validate_request(*request, context);
+    Buffer buffer;
+    if (request->type == kCmdWrite) {
+      if (error != 0) {
+        if (!co_await discard(request->length)) break;
+      } else if (request->length > 0) {
+        buffer = pool_.get(request->length);
+        if (!buffer) {
+          if (!co_await discard(request->length)) break;
+        } else if (!co_await read_exact(buffer.data(), request->length)) {
+          break;
+        }
+      }
+    } else if (request->type == kCmdRead && error == 0 && request->length > 0) {
+      buffer = pool_.get(request->length);
+    }
+    uint32_t final_error = error;
+    if (error == 0 && request->length > 0 &&
+        (request->type == kCmdRead || request->type == kCmdWrite) && !buffer) {
+      final_error = kEnomem;
+    }
+    ++in_flight_;
+    buffered_bytes_ += buffer.capacity();
+    loop_.spawn(handle_request(shared_from_this(), *request, final_error, std::move(buffer)));
+  }
+  closing_ = true;
+  while (in_flight_ > 0) co_await progress_.wait();
+  writer_stop_ = true;
+  queue_changed_.notify_all();
+  while (!writer_done_) co_await progress_.wait();
+}
+
+Task<void> Connection::run(std::shared_ptr<Connection> self) {
+  Connection& c = *self;
+  c.loop_.spawn(watchdog(self));
+  const bool transmit = co_await c.handshake();
+  c.handshake_done_ = true;
+  if (c.watchdog_timer_ != nullptr) c.loop_.cancel(c.watchdog_timer_);
+  if (transmit && !c.disconnected_) co_await c.transmission();
+  c.disconnected_ = true;
+  if (c.fd_ >= 0) {
+    ::close(c.fd_);
+    c.fd_ = -1;
+  }
+  if (c.export_) {
+    --c.export_->clients_;
+    c.export_->clients_changed_.notify_all();
+    c.export_.reset();
+  }
+  c.server_.connection_ended(&c);
+}
+
+}  // namespace blockd::exports::nbd

@@ -1,0 +1,147 @@
+// One NBD client connection (private to the NBD server).
+//
+// A connection runs as one coroutine (run): the handshake, then the transmission phase. In the
+// transmission phase the reading coroutine decodes requests and spawns one Task per request; the
+// tasks complete in any order and hand their replies to a writer coroutine that gathers the
+// replies ready at the same time into one sendmsg. The reader stops taking requests while too many
+// are in flight or too many payload bytes are buffered, so a client cannot make the server
+// allocate without bound.
+#pragma once
+
+#include <sys/uio.h>
+
+#include <coroutine>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "exports/nbd/protocol.h"
+#include "exports/nbd/server.h"
+#include "runtime/event.h"
+#include "runtime/loop.h"
+#include "runtime/task.h"
+
+namespace blockd::exports::nbd {
+
+// A request payload buffer, 4 KiB aligned so O_DIRECT nodes need no bounce buffer.
+class Buffer {
+ public:
+  Buffer() = default;
+  explicit Buffer(size_t capacity);
+  Buffer(Buffer&& other) noexcept;
+  Buffer& operator=(Buffer&& other) noexcept;
+  ~Buffer();
+  uint8_t* data() const noexcept { return data_; }
+  size_t capacity() const noexcept { return capacity_; }
+  explicit operator bool() const noexcept { return data_ != nullptr; }
+
+ private:
+  uint8_t* data_ = nullptr;
+  size_t capacity_ = 0;
+};
+
+// Recycles payload buffers of a connection (power-of-two sizes up to 1 MiB, a few of each).
+class BufferPool {
+ public:
+  Buffer get(size_t size);
+  void put(Buffer buffer);
+
+ private:
+  static constexpr size_t kMaxCachedSize = 1u << 20;
+  static constexpr size_t kMaxCachedCount = 32;
+  std::vector<Buffer> free_;
+};
+
+class Connection : public std::enable_shared_from_this<Connection> {
+ public:
+  Connection(Server& server, int fd);
+  ~Connection();
+
+  // The connection's whole life; ends when the client is gone and every request has finished.
+  static Task<void> run(std::shared_ptr<Connection> self);
+
+  // Drops the client: pending reads end, the connection winds down. Idempotent.
+  void disconnect() noexcept;
+
+  NbdExport* attached_export() const noexcept { return export_.get(); }
+
+ private:
+  // A reply waiting for the writer. Lives in the requesting task's frame.
+  struct PendingReply {
+    static constexpr int kMaxIovecs = 24;
+    iovec iov[kMaxIovecs];
+    int count = 0;
+    size_t bytes = 0;
+    bool sent = false;
+    std::coroutine_handle<> waiter;
+    PendingReply* next = nullptr;
+    void add(const void* base, size_t length) {
+      iov[count].iov_base = const_cast<void*>(base);
+      iov[count].iov_len = length;
+      ++count;
+      bytes += length;
+    }
+  };
+  struct SendAwaiter {
+    Connection* connection;
+    PendingReply* reply;
+    bool await_ready() const noexcept { return connection->broken_; }
+    void await_suspend(std::coroutine_handle<> handle) noexcept;
+    bool await_resume() const noexcept { return reply->sent; }
+  };
+
+  // Socket helpers; false when the client is gone or the socket failed.
+  Task<bool> read_exact(void* buffer, size_t length);
+  Task<bool> discard(uint64_t length);
+  Task<bool> send_all(iovec* iov, int count);
+  Task<bool> send_bytes(const void* data, size_t length);
+
+  // Handshake.
+  Task<bool> handshake();
+  Task<bool> send_option_reply(uint32_t option, uint32_t type, std::span<const uint8_t> data);
+  Task<bool> send_option_error(uint32_t option, uint32_t type, std::string_view message);
+  Task<bool> send_info(uint32_t option, uint16_t type, std::span<const uint8_t> data);
+  void attach(NbdExport* nbd_export);
+  static Task<void> watchdog(std::shared_ptr<Connection> self);
+
+  // Transmission.
+  Task<void> transmission();
+  static Task<void> handle_request(std::shared_ptr<Connection> self, Request request,
+                                   uint32_t error, Buffer buffer);
+  Task<void> writer();
+  SendAwaiter send(PendingReply& reply) { return SendAwaiter{this, &reply}; }
+
+  Server& server_;
+  Loop& loop_;
+  int fd_;
+  bool disconnected_ = false;
+
+  // Handshake state.
+  bool fixed_newstyle_ = false;
+  bool no_zeroes_ = false;
+  bool structured_replies_ = false;
+  bool base_allocation_ = false;      // base:allocation selected by SET_META_CONTEXT...
+  std::string meta_context_export_;  // ...for this export name
+  bool handshake_done_ = false;
+  Completion* watchdog_timer_ = nullptr;
+  std::shared_ptr<NbdExport> export_;
+  uint16_t flags_ = 0;  // transmission flags sent to the client
+
+  // Transmission state.
+  BufferPool pool_;
+  uint32_t in_flight_ = 0;
+  uint64_t buffered_bytes_ = 0;
+  bool closing_ = false;
+  Event progress_;  // a request finished, or the writer stopped
+  PendingReply* queue_head_ = nullptr;
+  PendingReply* queue_tail_ = nullptr;
+  Event queue_changed_;
+  bool writer_stop_ = false;
+  bool writer_done_ = false;
+  bool broken_ = false;  // a send failed: no further reply can be delivered
+};
+
+}  // namespace blockd::exports::nbd
