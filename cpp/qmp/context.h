@@ -10,8 +10,11 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "block/graph.h"
+#include "exports/export.h"
+#include "exports/nbd/server.h"
 #include "qmp/event_bus.h"
 #include "runtime/loop.h"
 
@@ -59,6 +62,11 @@ class Context {
   // Objects by id, in creation order of ids (query-iothreads lists them in this map's order).
   std::map<std::string, std::unique_ptr<UserObject>>& objects() noexcept { return objects_; }
 
+  // Block exports, most recently added first (the order query-block-exports lists them in).
+  std::vector<std::shared_ptr<exports::Export>>& exports() noexcept { return exports_; }
+  // The NBD server of nbd-server-start (null while stopped).
+  std::unique_ptr<exports::nbd::Server>& nbd_server() noexcept { return nbd_server_; }
+
   // Runs `task` to completion on the main loop, from a handler (which runs on the main loop):
   // the loop keeps serving other work while it waits, as QEMU's nested polling does.
   template <typename T>
@@ -81,6 +89,8 @@ class Context {
   EventBus& events_;
   block::Graph graph_;
   std::map<std::string, std::unique_ptr<UserObject>> objects_;
+  std::vector<std::shared_ptr<exports::Export>> exports_;
+  std::unique_ptr<exports::nbd::Server> nbd_server_;
   std::atomic<bool> shutdown_requested_{false};
   std::mutex shutdown_mutex_;
   std::condition_variable shutdown_cv_;

@@ -3,6 +3,12 @@
 #include "qmp/dispatcher.h"
 #include "qmp/version.h"
 
+namespace blockd::qapi {
+// Defined in handlers/exports.cc.
+Status nbd_server_start_options(qmp::Context& context, const NbdServerOptions& options);
+void stop_all_exports(qmp::Context& context);
+}  // namespace blockd::qapi
+
 namespace blockd::qmp {
 
 nlohmann::json version_info() {
@@ -102,6 +108,16 @@ Status Engine::cli_option(std::string_view kind, const nlohmann::json& options, 
     command = "object-add";
   } else if (kind == "export") {
     command = "block-export-add";
+  } else if (kind == "nbd-server") {
+    // No QMP command takes NbdServerOptions (nbd-server-start takes the legacy address form).
+    std::lock_guard lock(state_mutex_);
+    if (stopped_) return Status::generic("The block engine has been shut down");
+    return main_thread_->loop().call([&]() -> Status {
+      qapi::NbdServerOptions parsed;
+      BLOCKD_RETURN_IF_ERROR(qapi::from_json(
+          options, parsed, keyval ? qapi::InputMode::kKeyval : qapi::InputMode::kQmp, ""));
+      return qapi::nbd_server_start_options(*context_, parsed);
+    });
   } else {
     return Status::generic("Unsupported option kind '" + std::string(kind) + "'");
   }
@@ -160,6 +176,8 @@ void Engine::shutdown() {
   if (stopped_) return;
   stopped_ = true;
   main_thread_->loop().call([this] {
+    // Exports first, so no client writes while the nodes are flushed and closed.
+    qapi::stop_all_exports(*context_);
     context_->run_nested([](Context& context) -> Task<bool> {
       co_await flush_all(context.graph().nodes());
       co_return true;

@@ -1,0 +1,267 @@
+// Handlers of the block export commands: nbd-server-start, nbd-server-stop, nbd-server-add,
+// nbd-server-remove, block-export-add, block-export-del, query-block-exports; and the daemon's
+// --nbd-server option.
+//
+// The checks run in the order qemu-storage-daemon 7.2 runs them, so the same mistake gets the same
+// error: export id, duplicate id, node, iothread, then the NBD server and the NBD-specific options.
+#include <cctype>
+
+#include "exports/nbd/server.h"
+#include "qapi/commands.h"
+#include "qapi/events.h"
+#include "qmp/context.h"
+
+namespace blockd::qapi {
+namespace {
+
+using exports::nbd::ListenAddress;
+
+Expected<ListenAddress> to_listen_address(const SocketAddress& address) {
+  ListenAddress listen;
+  switch (address.type) {
+    case SocketAddressType::kUnix: {
+      const UnixSocketAddress& unix_address = *address.u.unix_;
+      listen.kind = ListenAddress::Kind::kUnix;
+      listen.path = unix_address.path;
+      listen.abstract = unix_address.abstract.value_or(false);
+      listen.tight = unix_address.tight.value_or(true);
+      return listen;
+    }
+    case SocketAddressType::kInet: {
+      const InetSocketAddress& inet = *address.u.inet;
+      listen.kind = ListenAddress::Kind::kInet;
+      listen.host = inet.host;
+      listen.port = inet.port;
+      listen.ipv4 = inet.ipv4;
+      listen.ipv6 = inet.ipv6;
+      return listen;
+    }
+    case SocketAddressType::kFd:
+      return Status::generic("only QEMU supports file descriptor passing");
+    case SocketAddressType::kVsock:
+      return Status::generic("vsock sockets are not supported by blockd");
+  }
+  return Status::generic("unknown socket address type");
+}
+
+SocketAddress from_legacy(const SocketAddressLegacy& legacy) {
+  SocketAddress address;
+  address.type = legacy.type;
+  if (legacy.u.inet) address.u.inet = legacy.u.inet->data;
+  if (legacy.u.unix_) address.u.unix_ = legacy.u.unix_->data;
+  if (legacy.u.vsock) address.u.vsock = legacy.u.vsock->data;
+  if (legacy.u.fd) address.u.fd = legacy.u.fd->data;
+  return address;
+}
+
+Status start_nbd_server(qmp::Context& context, const SocketAddress& address,
+                        const std::optional<std::string>& tls_creds,
+                        const std::optional<uint32_t>& max_connections) {
+  if (context.nbd_server()) return Status::generic("NBD server already running");
+  if (tls_creds) return Status::generic("No TLS credentials with id '" + *tls_creds + "'");
+  auto listen = to_listen_address(address);
+  if (!listen) return listen.status();
+  exports::nbd::ServerOptions options;
+  options.max_connections = max_connections.value_or(0);
+  auto server = exports::nbd::Server::start(context.main_loop(), *listen, options);
+  if (!server) return server.status();
+  context.nbd_server() = std::move(server).value();
+  return Status::ok();
+}
+
+exports::Export* find_export(qmp::Context& context, const std::string& id) {
+  for (const auto& candidate : context.exports()) {
+    if (candidate->id() == id) return candidate.get();
+  }
+  return nullptr;
+}
+
+bool is_identifier(const std::string& id) {
+  if (id.empty() || !std::isalpha(static_cast<unsigned char>(id[0]))) return false;
+  for (char c : id) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '.' && c != '_') {
+      return false;
+    }
+  }
+  return true;
+}
+
+// Removes `target` for good: drops its clients, drains it, releases its node, forgets it and
+// announces BLOCK_EXPORT_DELETED. Runs nested on the main loop until the export is gone.
+void delete_export(qmp::Context& context, exports::Export* target) {
+  std::shared_ptr<exports::Export> held;
+  for (const auto& candidate : context.exports()) {
+    if (candidate.get() == target) held = candidate;
+  }
+  context.run_nested([](std::shared_ptr<exports::Export> doomed) -> Task<bool> {
+    co_await doomed->shut_down();
+    co_return true;
+  }(held));
+  auto& list = context.exports();
+  list.erase(std::remove(list.begin(), list.end(), held), list.end());
+  BlockExportDeletedEvent event;
+  event.id = held->id();
+  emit_block_export_deleted(context.events(), event);
+}
+
+Status remove_export(qmp::Context& context, const std::string& id,
+                     std::optional<BlockExportRemoveMode> mode) {
+  exports::Export* target = find_export(context, id);
+  if (target == nullptr) return Status::generic("Export '" + id + "' is not found");
+  if (target->shutting_down()) {
+    return Status::generic("Export '" + id + "' is already shutting down");
+  }
+  if (mode.value_or(BlockExportRemoveMode::kSafe) == BlockExportRemoveMode::kSafe &&
+      target->client_count() > 0) {
+    return Status::generic("export '" + id + "' still in use");
+  }
+  delete_export(context, target);
+  return Status::ok();
+}
+
+// Deletes every NBD export (oldest first) and stops the server.
+void stop_nbd_server(qmp::Context& context) {
+  std::vector<exports::Export*> doomed;
+  for (const auto& candidate : context.exports()) {
+    if (candidate->type_name() == "nbd" && !candidate->shutting_down()) {
+      doomed.push_back(candidate.get());
+    }
+  }
+  for (auto it = doomed.rbegin(); it != doomed.rend(); ++it) delete_export(context, *it);
+  context.run_nested([](exports::nbd::Server& server) -> Task<bool> {
+    co_await server.stop();
+    co_return true;
+  }(*context.nbd_server()));
+  context.nbd_server().reset();
+}
+
+struct NbdExportRequest {
+  std::string id;
+  std::string node_name;
+  std::optional<std::string> iothread;
+  exports::nbd::NbdExportOptions options;
+};
+
+Status add_nbd_export(qmp::Context& context, const NbdExportRequest& request,
+                      const std::shared_ptr<block::Node>& node) {
+  if (request.iothread) {
+    auto it = context.objects().find(*request.iothread);
+    if (it == context.objects().end() || it->second->type_name() != "iothread") {
+      return Status::generic("iothread \"" + *request.iothread + "\" not found");
+    }
+    return Status::generic("Exports in an iothread are not supported by blockd yet");
+  }
+  if (!context.nbd_server()) return Status::generic("NBD server not running");
+  auto created = context.nbd_server()->add_export(request.options, node);
+  if (!created) return created.status();
+  context.exports().insert(context.exports().begin(), std::move(created).value());
+  return Status::ok();
+}
+
+}  // namespace
+
+// For the daemon's --nbd-server option (Engine::cli_option).
+Status nbd_server_start_options(qmp::Context& context, const NbdServerOptions& options) {
+  return start_nbd_server(context, options.addr, options.tls_creds, options.max_connections);
+}
+
+// Shuts every export down and stops the NBD server (Engine::shutdown).
+void stop_all_exports(qmp::Context& context) {
+  if (context.nbd_server()) {
+    stop_nbd_server(context);
+  }
+  while (!context.exports().empty()) delete_export(context, context.exports().back().get());
+}
+
+Status qmp_nbd_server_start(qmp::Context& context, const NbdServerStartArgs& args) {
+  return start_nbd_server(context, from_legacy(args.addr), args.tls_creds, args.max_connections);
+}
+
+Status qmp_nbd_server_stop(qmp::Context& context) {
+  if (!context.nbd_server()) return Status::generic("NBD server not running");
+  stop_nbd_server(context);
+  return Status::ok();
+}
+
+Status qmp_block_export_add(qmp::Context& context, const BlockExportOptions& options) {
+  if (!is_identifier(options.id)) return Status::generic("Invalid block export id");
+  if (find_export(context, options.id) != nullptr) {
+    return Status::generic("Block export id '" + options.id + "' is already in use");
+  }
+  auto node = context.graph().find(options.node_name);
+  if (!node) {
+    return Status::generic("Cannot find device='' nor node-name='" + options.node_name + "'");
+  }
+  if (options.type != BlockExportType::kNbd) {
+    return Status::generic("Export type '" + std::string(to_string(options.type)) +
+                           "' is not supported by blockd yet");
+  }
+  const BlockExportOptionsNbd& nbd = *options.u.nbd;
+  if (nbd.bitmaps && !nbd.bitmaps->empty()) {
+    const auto& first = nbd.bitmaps->front();
+    std::string bitmap_name;
+    if (const auto* name = std::get_if<std::string>(&first)) {
+      bitmap_name = *name;
+    } else {
+      bitmap_name = std::get<BlockDirtyBitmap>(first).name;
+    }
+    if (!options.iothread && context.nbd_server()) {
+      return Status::generic("Bitmap '" + bitmap_name + "' is not found");
+    }
+  }
+  NbdExportRequest request;
+  request.id = options.id;
+  request.node_name = options.node_name;
+  request.iothread = options.iothread;
+  request.options.id = options.id;
+  request.options.name = nbd.name.value_or(options.node_name);
+  request.options.description = nbd.description.value_or("");
+  request.options.writable = options.writable.value_or(false);
+  request.options.writethrough = options.writethrough.value_or(false);
+  return add_nbd_export(context, request, node);
+}
+
+Status qmp_nbd_server_add(qmp::Context& context, const NbdServerAddOptions& options) {
+  if (!context.nbd_server()) return Status::generic("NBD server not running");
+  const std::string name = options.name.value_or(options.device);
+  auto node = context.graph().find(options.device);
+  if (!node) {
+    return Status::generic("Cannot find device='" + options.device + "' nor node-name='" +
+                           options.device + "'");
+  }
+  if (options.bitmap) return Status::generic("Bitmap '" + *options.bitmap + "' is not found");
+  if (find_export(context, name) != nullptr) {
+    return Status::generic("Block export id '" + name + "' is already in use");
+  }
+  NbdExportRequest request;
+  request.id = name;
+  request.node_name = options.device;
+  request.options.id = name;
+  request.options.name = name;
+  request.options.description = options.description.value_or("");
+  request.options.writable = options.writable.value_or(false);
+  return add_nbd_export(context, request, node);
+}
+
+Status qmp_nbd_server_remove(qmp::Context& context, const NbdServerRemoveArgs& args) {
+  return remove_export(context, args.name, args.mode);
+}
+
+Status qmp_block_export_del(qmp::Context& context, const BlockExportDelArgs& args) {
+  return remove_export(context, args.id, args.mode);
+}
+
+Expected<std::vector<BlockExportInfo>> qmp_query_block_exports(qmp::Context& context) {
+  std::vector<BlockExportInfo> infos;
+  for (const auto& entry : context.exports()) {
+    BlockExportInfo info;
+    info.id = entry->id();
+    parse_enum(entry->type_name(), info.type);
+    info.node_name = entry->node_name();
+    info.shutting_down = entry->shutting_down();
+    infos.push_back(std::move(info));
+  }
+  return infos;
+}
+
+}  // namespace blockd::qapi
