@@ -138,7 +138,11 @@ class QMPClient:
         """Sends bytes as they are (for protocol tests: malformed JSON, partial requests)."""
         if isinstance(data, str):
             data = data.encode()
-        self._socket().sendall(data)
+        try:
+            self._socket().sendall(data)
+        except (BrokenPipeError, ConnectionResetError) as error:
+            self.close()
+            raise ConnectionClosed(f"the QMP peer closed the connection ({error.strerror})") from error
 
     def _receive(self, timeout: float | None) -> bool:
         """Reads what the socket has; False if nothing came within ``timeout``."""
@@ -147,7 +151,11 @@ class QMPClient:
             readable, _, _ = select.select([sock], [], [], max(0.0, timeout))
             if not readable:
                 return False
-        data = sock.recv(1 << 16)
+        try:
+            data = sock.recv(1 << 16)
+        except ConnectionResetError as error:
+            self.close()
+            raise ConnectionClosed("the QMP peer reset the connection") from error
         if not data:
             self.close()
             raise ConnectionClosed("the QMP peer closed the connection")

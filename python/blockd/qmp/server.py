@@ -22,6 +22,7 @@ import os
 import selectors
 import socket
 import stat
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -198,6 +199,8 @@ class QMPServer:
             os.write(self._wake_w, b"x")
         except BlockingIOError:
             pass  # the pipe is full: the thread will wake anyway
+        except OSError:
+            pass  # the thread has ended and closed the pipe
 
     def _call(self, work: Callable[[], None]) -> None:
         """Runs ``work`` on the server thread (now, if the thread is not running yet)."""
@@ -232,13 +235,26 @@ class QMPServer:
                     elif kind == "events":
                         self._deliver_events(target)
                     elif kind == "conn":
-                        if mask & selectors.EVENT_READ:
-                            self._read(target)
-                        if mask & selectors.EVENT_WRITE:
-                            self._flush(target)
+                        try:
+                            if mask & selectors.EVENT_READ:
+                                self._read(target)
+                            if mask & selectors.EVENT_WRITE:
+                                self._flush(target)
+                        except Exception as error:  # noqa: BLE001 - one connection's failure
+                            # must not take the others down: report it and drop that client.
+                            self._report(f"QMP connection dropped after an internal error: {error!r}")
+                            self._close(target)
         finally:
             self._run_todo()
             self._close_all()
+
+    @staticmethod
+    def _report(message: str) -> None:
+        try:
+            sys.stderr.write(f"blockd: {message}\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
 
     def _accept(self, listener: Listener) -> None:
         while True:

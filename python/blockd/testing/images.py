@@ -112,9 +112,14 @@ def _read(target: Target, offset: int, length: int) -> bytes:
     return data + bytes(length - len(data))  # past the end of a file reads as zeroes
 
 
-def write_pattern(target: Target, offset: int, length: int, seed: int = 0) -> None:
-    """Writes the pattern of ``seed`` at ``offset`` (see ``pattern``) and flushes it."""
-    _write(target, offset, pattern(offset, length, seed))
+def write_pattern(target: Target, offset: int, length: int, seed: int = 0, pattern_offset: int | None = None) -> None:
+    """Writes the pattern of ``seed`` at ``offset`` (see ``pattern``) and flushes it.
+
+    ``pattern_offset`` (default: ``offset``) is the position in the pattern to start from; pass
+    it when the same data is seen at another offset elsewhere (a raw node with ``offset=``).
+    """
+    start = offset if pattern_offset is None else pattern_offset
+    _write(target, offset, pattern(start, length, seed))
 
 
 def _first_difference(actual: bytes, expected: bytes) -> int:
@@ -141,10 +146,12 @@ def _check(target: Target, offset: int, actual: bytes, expected: bytes, what: st
     )
 
 
-def verify_pattern(target: Target, offset: int, length: int, seed: int = 0) -> None:
+def verify_pattern(target: Target, offset: int, length: int, seed: int = 0, pattern_offset: int | None = None) -> None:
     """Reads ``[offset, offset + length)`` of ``target`` and asserts it holds the pattern of
-    ``seed``. The AssertionError names the first differing offset."""
-    _check(target, offset, _read(target, offset, length), pattern(offset, length, seed), "pattern")
+    ``seed`` (from ``pattern_offset``, default ``offset``). The AssertionError names the first
+    differing offset."""
+    start = offset if pattern_offset is None else pattern_offset
+    _check(target, offset, _read(target, offset, length), pattern(start, length, seed), "pattern")
 
 
 def verify_zero(target: Target, offset: int, length: int) -> None:
