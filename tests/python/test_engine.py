@@ -148,3 +148,19 @@ def test_keyval_parse() -> None:
     assert json.loads(_core.keyval_parse("a=1,a=2")) == {"a": "2"}  # the last one wins, as in QEMU
     with pytest.raises(ValueError, match="Parameters 'x.[*]' used inconsistently"):
         _core.keyval_parse("x.y=1,x=2")
+
+
+@pytest.mark.requires_command("nbd-server-start", "block-export-add", "block-export-del")
+def test_export_deleted_event(engine: Engine, tmp_path: Path) -> None:
+    engine.qmp("blockdev-add", driver="null-co", node_name="n0")
+    engine.qmp("nbd-server-start", addr={"type": "unix", "data": {"path": str(tmp_path / "nbd.sock")}})
+    for name in ("e0", "e1"):
+        engine.qmp("block-export-add", type="nbd", id=name, node_name="n0", name=name)
+    for name in ("e0", "e1"):
+        engine.qmp("block-export-del", id=name)
+    second = engine.events.wait("BLOCK_EXPORT_DELETED", match={"data": {"id": "e1"}}, timeout=10)
+    assert second["data"] == {"id": "e1"}
+    assert set(second["timestamp"]) == {"seconds", "microseconds"}
+    first = engine.events.get(timeout=10)  # skipped by wait(), still queued
+    assert first is not None and first["event"] == "BLOCK_EXPORT_DELETED" and first["data"] == {"id": "e0"}
+    engine.qmp("nbd-server-stop")

@@ -12,9 +12,7 @@ import blockd
 from blockd.qmp import QMPClient
 from blockd.testing import DaemonProcess, QSD
 
-from conftest import needs_qsd
-
-pytestmark = needs_qsd
+pytestmark = pytest.mark.requires_qsd
 
 
 def test_client_with_qsd(qsd, tmp_path: Path) -> None:

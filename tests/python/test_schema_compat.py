@@ -16,9 +16,7 @@ import pytest
 from blockd import Engine
 from blockd.testing import QSD, DaemonProcess
 
-from conftest import needs_qsd
-
-pytestmark = needs_qsd
+pytestmark = pytest.mark.requires_qsd
 
 Schema = dict[str, dict[str, Any]]
 
