@@ -84,15 +84,34 @@ void Connection::disconnect() noexcept {
 }
 
 Task<bool> Connection::read_exact(void* buffer, size_t length) {
-  auto* bytes = static_cast<uint8_t*>(buffer);
+  auto* out = static_cast<uint8_t*>(buffer);
   while (length > 0) {
-    const int got = co_await loop_.recv(fd_, bytes, length, 0);
+    const size_t buffered = receive_end_ - receive_start_;
+    if (buffered > 0) {
+      const size_t take = std::min(buffered, length);
+      std::memcpy(out, receive_buffer_.get() + receive_start_, take);
+      receive_start_ += take;
+      out += take;
+      length -= take;
+      continue;
+    }
+    receive_start_ = receive_end_ = 0;
+    // A large remainder goes straight to its destination; small reads refill the buffer.
+    const bool direct = length >= kReceiveBufferSize / 2;
+    if (!direct && !receive_buffer_) receive_buffer_.reset(new uint8_t[kReceiveBufferSize]);
+    uint8_t* target = direct ? out : receive_buffer_.get();
+    const size_t room = direct ? length : kReceiveBufferSize;
+    const int got = co_await loop_.recv(fd_, target, room, 0);
     if (got <= 0) {
       if (got == -EINTR || got == -EAGAIN) continue;
       co_return false;
     }
-    bytes += got;
-    length -= static_cast<size_t>(got);
+    if (direct) {
+      out += got;
+      length -= static_cast<size_t>(got);
+    } else {
+      receive_end_ = static_cast<size_t>(got);
+    }
   }
   co_return true;
 }

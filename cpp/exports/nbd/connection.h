@@ -93,7 +93,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
     bool await_resume() const noexcept { return reply->sent; }
   };
 
-  // Socket helpers; false when the client is gone or the socket failed.
+  // Socket helpers; false when the client is gone or the socket failed. Reads go through a
+  // receive buffer so that one recv picks up every request the client has pipelined; large
+  // payloads bypass it.
   Task<bool> read_exact(void* buffer, size_t length);
   Task<bool> discard(uint64_t length);
   Task<bool> send_all(iovec* iov, int count);
@@ -118,6 +120,10 @@ class Connection : public std::enable_shared_from_this<Connection> {
   Loop& loop_;
   int fd_;
   bool disconnected_ = false;
+  static constexpr size_t kReceiveBufferSize = 256u << 10;
+  std::unique_ptr<uint8_t[]> receive_buffer_;
+  size_t receive_start_ = 0;  // unread bytes are [receive_start_, receive_end_)
+  size_t receive_end_ = 0;
 
   // Handshake state.
   bool fixed_newstyle_ = false;
