@@ -46,7 +46,11 @@ void bind_engine(py::module_& module) {
           py::arg("data"))
       .def("take_events", &Monitor::take_events)
       .def("event_fd", &Monitor::event_fd)
-      .def("wants_close", &Monitor::wants_close);
+      .def("wants_close", &Monitor::wants_close)
+      .def("close", [](Monitor& monitor) {
+        py::gil_scoped_release release;
+        monitor.close();
+      });
 
   py::class_<Engine>(module, "Engine")
       .def(py::init([] {

@@ -21,6 +21,7 @@ class BlockBackend final : public User {
   explicit BlockBackend(std::string description);
   ~BlockBackend() override;
   std::string user_description() const override { return description_; }
+  std::string role() const override { return "root"; }
 
   // Attaches to `node` taking `permissions` and sharing `shared`. Fails with the conflict, leaving
   // the backend detached.

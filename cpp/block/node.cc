@@ -35,9 +35,7 @@ Child::~Child() {
   // holder_ is released last: the child node may be destroyed with it.
 }
 
-std::string Child::user_description() const {
-  return "node '" + parent_->node_name() + "' (as its '" + name_ + "' child)";
-}
+std::string Child::user_description() const { return "node '" + parent_->node_name() + "'"; }
 
 Node::Node(NodeOptions options) : options_(std::move(options)) {
   loop_ = Loop::current();
@@ -129,19 +127,23 @@ Status Node::check_change(const User* changing, uint32_t permissions, uint32_t s
   if ((permissions & (kPermWrite | kPermResize)) && read_only()) {
     return Status::generic("Block node '" + node_name() + "' is read-only");
   }
+  // The wording follows QEMU's, so that scripts matching its conflict messages keep working.
+  auto conflict = [this](uint32_t clash, const User& needs, const User& refuses) {
+    auto use = [this](const User& user) {
+      return user.user_description() + " (uses node '" + node_name() + "' as '" + user.role() +
+             "' child)";
+    };
+    return Status::generic("Permission conflict on node '" + node_name() + "': permissions '" +
+                           permission_names(clash) + "' are both required by " + use(needs) +
+                           " and unshared by " + use(refuses) + ".");
+  };
   for (const User* other : users_) {
     if (other == changing) continue;
     if (const uint32_t clash = permissions & ~other->shared_) {
-      return Status::generic("Permission conflict on node '" + node_name() + "': permissions '" +
-                             permission_names(clash) + "' are required by " +
-                             changing->user_description() + " but not shared by " +
-                             other->user_description());
+      return conflict(clash, *changing, *other);
     }
     if (const uint32_t clash = other->permissions_ & ~shared) {
-      return Status::generic("Permission conflict on node '" + node_name() + "': permissions '" +
-                             permission_names(clash) + "' are required by " +
-                             other->user_description() + " but not shared by " +
-                             changing->user_description());
+      return conflict(clash, *other, *changing);
     }
   }
   uint32_t node_permissions;

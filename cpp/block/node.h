@@ -65,9 +65,10 @@ class Node;
 class User {
  public:
   virtual ~User() = default;
-  // How this use is described in conflict messages, e.g. "node 'raw0' as 'file'" or
-  // "block export 'exp0'".
+  // Who this use is, for conflict messages: "node 'raw0'", "block export 'exp0'".
   virtual std::string user_description() const = 0;
+  // The role of the node for this use: the child name ("file") or "root" for a BlockBackend.
+  virtual std::string role() const = 0;
 
   Node* node() const noexcept { return node_; }
   uint32_t permissions() const noexcept { return permissions_; }
@@ -86,6 +87,7 @@ class Child final : public User {
   Child(Node* parent, std::string name) : parent_(parent), name_(std::move(name)) {}
   ~Child() override;
   std::string user_description() const override;
+  std::string role() const override { return name_; }
 
   Node* parent() const noexcept { return parent_; }
   const std::string& name() const noexcept { return name_; }

@@ -130,6 +130,9 @@ class FileNode final : public block::Node {
   };
   // Unregisters a TrackedWrite when the writing coroutine leaves its scope.
   struct WriteScope {
+    WriteScope(FileNode* owner, TrackedWrite* tracked) : node(owner), write(tracked) {}
+    WriteScope(const WriteScope&) = delete;
+    WriteScope& operator=(const WriteScope&) = delete;
     FileNode* node;
     TrackedWrite* write;
     ~WriteScope() { node->end_write(*write); }

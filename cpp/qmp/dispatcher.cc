@@ -10,6 +10,10 @@ nlohmann::json error_reply(const Status& status) {
             {"desc", status.message()}}}};
 }
 
+std::string to_line(const nlohmann::json& value) {
+  return value.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
 namespace {
 
 Status check_envelope(const nlohmann::json& request) {

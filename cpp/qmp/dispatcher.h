@@ -19,4 +19,8 @@ nlohmann::json dispatch(Context& context, const nlohmann::json& request, qapi::I
 // Builds an error reply.
 nlohmann::json error_reply(const Status& status);
 
+// Serialises a reply or event as one line of JSON text. Strings that are not valid UTF-8 (a client
+// may send any bytes) have the bad bytes replaced rather than failing the reply.
+std::string to_line(const nlohmann::json& value);
+
 }  // namespace blockd::qmp

@@ -40,7 +40,7 @@ Expected<nlohmann::json> parse_request(std::string_view text) {
     try {
       nlohmann::json unused = nlohmann::json::parse(text);
       (void)unused;
-    } catch (const nlohmann::json::parse_error& error) {
+    } catch (const nlohmann::json::exception& error) {
       std::string what = error.what();
       // Drop the library's "[json.exception.parse_error.101] " tag.
       if (auto end = what.find("] "); what.starts_with("[json.exception") && end != what.npos) {
@@ -94,10 +94,10 @@ std::string Engine::execute(std::string_view request) {
                                                      : "QMP input must be exactly one request"))
         .dump();
   }
-  if (!items[0].ok) return error_reply(Status::generic(items[0].text)).dump();
+  if (!items[0].ok) return to_line(error_reply(Status::generic(items[0].text)));
   auto parsed = parse_request(items[0].text);
-  if (!parsed) return error_reply(parsed.status()).dump();
-  return run(*parsed).dump();
+  if (!parsed) return to_line(error_reply(parsed.status()));
+  return to_line(run(*parsed));
 }
 
 Status Engine::cli_option(std::string_view kind, const nlohmann::json& options, bool keyval) {

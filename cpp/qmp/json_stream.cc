@@ -23,6 +23,12 @@ void JsonStream::fail(std::string message, std::vector<Item>& out) {
 void JsonStream::feed(std::string_view bytes, std::vector<Item>& out) {
   for (size_t i = 0; i < bytes.size(); ++i) {
     const char c = bytes[i];
+    if (skipping_ && c == '\n') {
+      // Recovery after a broken value ends at a line break: clients send one request per line,
+      // so the next line is parsed afresh.
+      finish_value(out);
+      continue;
+    }
     if (!in_value_) {
       if (is_space(c)) continue;
       in_value_ = true;

@@ -3,8 +3,8 @@
 // QMP clients may send values back to back, split across reads, with or without newlines. The
 // stream tracks strings and nesting to find where each top-level value ends, and enforces limits so
 // that hostile input cannot make the daemon allocate without bound: nesting deeper than 1024 levels
-// or a value larger than 16 MiB is reported as an error and skipped, after which the stream carries
-// on with the next value. Parsing the JSON text of each value is left to the caller.
+// or a value larger than 16 MiB is reported as an error and the rest of it skipped, up to the end
+// of the value or the next line break, whichever comes first; then the stream carries on. Parsing the JSON text of each value is left to the caller.
 #pragma once
 
 #include <cstddef>

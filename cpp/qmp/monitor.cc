@@ -15,13 +15,13 @@ Monitor::Monitor(Engine& engine) : engine_(engine) {
 
 Monitor::~Monitor() {
   if (subscription_ != 0) engine_.events().unsubscribe(subscription_);
-  if (event_fd_ >= 0) close(event_fd_);
+  if (event_fd_ >= 0) ::close(event_fd_);
 }
 
 std::string Monitor::greeting() const {
   nlohmann::json greeting = {
       {"QMP", {{"version", version_info()}, {"capabilities", nlohmann::json::array()}}}};
-  return greeting.dump();
+  return to_line(greeting);
 }
 
 std::vector<std::string> Monitor::feed(std::string_view bytes) {
@@ -31,7 +31,7 @@ std::vector<std::string> Monitor::feed(std::string_view bytes) {
   for (auto& item : items) {
     if (wants_close_) break;
     if (!item.ok) {
-      replies.push_back(error_reply(Status::generic(item.text)).dump());
+      replies.push_back(to_line(error_reply(Status::generic(item.text))));
       continue;
     }
     replies.push_back(handle(item.text));
@@ -41,7 +41,7 @@ std::vector<std::string> Monitor::feed(std::string_view bytes) {
 
 std::string Monitor::handle(const std::string& text) {
   auto request = parse_request(text);
-  if (!request) return error_reply(request.status()).dump();
+  if (!request) return to_line(error_reply(request.status()));
   const nlohmann::json& value = *request;
   const bool is_capabilities = value.is_object() && value.contains("execute") &&
                                value["execute"] == "qmp_capabilities";
@@ -52,11 +52,11 @@ std::string Monitor::handle(const std::string& text) {
           Status::error(ErrorClass::kCommandNotFound,
                         "Expecting capabilities negotiation with 'qmp_capabilities'"));
       if (auto id = value.find("id"); id != value.end()) reply["id"] = *id;
-      return reply.dump();
+      return to_line(reply);
     }
     if (is_capabilities) {
       nlohmann::json reply = negotiate(value);
-      if (reply.contains("error")) return reply.dump();
+      if (reply.contains("error")) return to_line(reply);
       negotiated_ = true;
       subscription_ = engine_.events().subscribe([this](const std::string& line) {
         {
@@ -66,19 +66,20 @@ std::string Monitor::handle(const std::string& text) {
         uint64_t one = 1;
         [[maybe_unused]] ssize_t written = ::write(event_fd_, &one, sizeof one);
       });
-      return reply.dump();
+      return to_line(reply);
     }
   } else if (is_capabilities) {
     nlohmann::json reply = error_reply(Status::error(
         ErrorClass::kCommandNotFound, "Capabilities negotiation is already complete, command ignored"));
     if (auto id = value.find("id"); id != value.end()) reply["id"] = *id;
-    return reply.dump();
+    return to_line(reply);
   }
   nlohmann::json reply = engine_.run(value);
-  if (value.is_object() && value.value("execute", "") == "quit" && !reply.contains("error")) {
+  if (value.is_object() && value.contains("execute") && value["execute"] == "quit" &&
+      !reply.contains("error")) {
     wants_close_ = true;
   }
-  return reply.dump();
+  return to_line(reply);
 }
 
 nlohmann::json Monitor::negotiate(const nlohmann::json& request) {
@@ -113,6 +114,12 @@ nlohmann::json Monitor::negotiate(const nlohmann::json& request) {
                                 : error_reply(status);
   if (auto id = request.find("id"); id != request.end()) reply["id"] = *id;
   return reply;
+}
+
+void Monitor::close() {
+  if (subscription_ != 0) engine_.events().unsubscribe(subscription_);
+  subscription_ = 0;
+  wants_close_ = true;
 }
 
 std::vector<std::string> Monitor::take_events() {

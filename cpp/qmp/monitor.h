@@ -46,6 +46,9 @@ class Monitor {
   // True once the client asked to quit; the transport should close after sending the reply.
   bool wants_close() const noexcept { return wants_close_; }
 
+  // Ends the session: no more events are queued and later input is ignored.
+  void close();
+
  private:
   std::string handle(const std::string& text);
   nlohmann::json negotiate(const nlohmann::json& request);

@@ -56,6 +56,14 @@ TEST(JsonStreamTest, NestingLimitReportedOnceThenRecovers) {
   EXPECT_EQ(items[1].text, R"({"ok":true})");
 }
 
+TEST(JsonStreamTest, RecoveryEndsAtLineBreak) {
+  JsonStream stream;
+  auto items = feed_all(stream, std::string(2000, '{') + "\n{\"a\":1}");
+  ASSERT_EQ(items.size(), 2u);
+  EXPECT_EQ(items[0].text, "JSON nesting depth limit exceeded");
+  EXPECT_EQ(items[1].text, R"({"a":1})");
+}
+
 TEST(JsonStreamTest, SizeLimitDoesNotBuffer) {
   JsonStream stream;
   std::string big = "[\"" + std::string(JsonStream::kMaxValueBytes + 10, 'x');
