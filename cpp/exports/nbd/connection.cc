@@ -96,6 +96,7 @@ Task<bool> Connection::read_exact(void* buffer, size_t length) {
       continue;
     }
     receive_start_ = receive_end_ = 0;
+    reader_idle();
     // A large remainder goes straight to its destination; small reads refill the buffer.
     const bool direct = length >= kReceiveBufferSize / 2;
     if (!direct && !receive_buffer_) receive_buffer_.reset(new uint8_t[kReceiveBufferSize]);
@@ -106,6 +107,7 @@ Task<bool> Connection::read_exact(void* buffer, size_t length) {
       if (got == -EINTR || got == -EAGAIN) continue;
       co_return false;
     }
+    reader_busy_ = true;
     if (direct) {
       out += got;
       length -= static_cast<size_t>(got);
@@ -443,7 +445,14 @@ void Connection::SendAwaiter::await_suspend(std::coroutine_handle<> handle) noex
     connection->queue_head_ = reply;
   }
   connection->queue_tail_ = reply;
-  if (connection->queue_changed_.has_waiters()) connection->queue_changed_.notify_all();
+  if (!connection->reader_busy_ && connection->queue_changed_.has_waiters()) {
+    connection->queue_changed_.notify_all();
+  }
+}
+
+void Connection::reader_idle() noexcept {
+  reader_busy_ = false;
+  if (queue_head_ != nullptr && queue_changed_.has_waiters()) queue_changed_.notify_all();
 }
 
 Task<void> Connection::writer() {
@@ -746,6 +755,7 @@ Task<void> Connection::transmission() {
   while (true) {
     while (!closing_ && (in_flight_ >= options.max_requests_in_flight ||
                          buffered_bytes_ >= options.max_buffered_bytes)) {
+      reader_idle();
       co_await progress_.wait();
     }
     if (closing_ || broken_) break;
@@ -782,6 +792,7 @@ Task<void> Connection::transmission() {
     loop_.spawn(handle_request(shared_from_this(), *request, final_error, std::move(buffer)));
   }
   closing_ = true;
+  reader_idle();
   while (in_flight_ > 0) co_await progress_.wait();
   writer_stop_ = true;
   queue_changed_.notify_all();

@@ -148,6 +148,10 @@ class Connection : public std::enable_shared_from_this<Connection> {
   bool writer_stop_ = false;
   bool writer_done_ = false;
   bool broken_ = false;  // a send failed: no further reply can be delivered
+  // True while the reader works through requests already received: replies completed meanwhile
+  // wait for it to go idle, so that they leave together in one sendmsg.
+  bool reader_busy_ = false;
+  void reader_idle() noexcept;
 };
 
 }  // namespace blockd::exports::nbd
