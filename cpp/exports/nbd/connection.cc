@@ -52,6 +52,7 @@ Buffer BufferPool::get(size_t size) {
   if (rounded <= kMaxCachedSize) {
     for (auto it = free_.begin(); it != free_.end(); ++it) {
       if (it->capacity() == rounded) {
+        cached_bytes_ -= rounded;
         Buffer buffer = std::move(*it);
         *it = std::move(free_.back());
         free_.pop_back();
@@ -64,7 +65,11 @@ Buffer BufferPool::get(size_t size) {
 }
 
 void BufferPool::put(Buffer buffer) {
-  if (!buffer || buffer.capacity() > kMaxCachedSize || free_.size() >= kMaxCachedCount) return;
+  if (!buffer || buffer.capacity() > kMaxCachedSize ||
+      cached_bytes_ + buffer.capacity() > kMaxCachedBytes) {
+    return;
+  }
+  cached_bytes_ += buffer.capacity();
   free_.push_back(std::move(buffer));
 }
 

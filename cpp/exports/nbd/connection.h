@@ -43,7 +43,8 @@ class Buffer {
   size_t capacity_ = 0;
 };
 
-// Recycles payload buffers of a connection (power-of-two sizes up to 1 MiB, a few of each).
+// Recycles payload buffers of a connection: power-of-two sizes up to 1 MiB, at most 4 MiB in all,
+// so an idle connection keeps little memory.
 class BufferPool {
  public:
   Buffer get(size_t size);
@@ -51,8 +52,9 @@ class BufferPool {
 
  private:
   static constexpr size_t kMaxCachedSize = 1u << 20;
-  static constexpr size_t kMaxCachedCount = 32;
+  static constexpr size_t kMaxCachedBytes = 4u << 20;
   std::vector<Buffer> free_;
+  size_t cached_bytes_ = 0;
 };
 
 class Connection : public std::enable_shared_from_this<Connection> {
@@ -120,7 +122,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   Loop& loop_;
   int fd_;
   bool disconnected_ = false;
-  static constexpr size_t kReceiveBufferSize = 256u << 10;
+  static constexpr size_t kReceiveBufferSize = 128u << 10;
   std::unique_ptr<uint8_t[]> receive_buffer_;
   size_t receive_start_ = 0;  // unread bytes are [receive_start_, receive_end_)
   size_t receive_end_ = 0;
