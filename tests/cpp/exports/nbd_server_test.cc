@@ -26,12 +26,18 @@ class NbdServerTest : public ::testing::Test {
     auto thread = LoopThread::start("nbd-test");
     ASSERT_TRUE(thread);
     thread_ = std::move(thread).value();
+    open_node(0);
+  }
+
+  // (Re)opens the exported null-co node with a per-request latency.
+  void open_node(int64_t latency_ns) {
     loop().call([&] {
       block::NodeOptions common;
       common.node_name = "null0";
       drivers::NullOptions null;
       null.size = kExportSize;
       null.read_zeroes = true;
+      null.latency_ns = latency_ns;
       auto node = drivers::open_null_node(common, null, loop());
       ASSERT_TRUE(node);
       node_ = std::move(node).value();
@@ -411,6 +417,33 @@ TEST_F(NbdServerTest, ExportNameEntersTransmission) {
   EXPECT_EQ(load64(reply.data()), kExportSize);
   send_request(kCmdFlush, 0, 0, 77);
   EXPECT_EQ(recv_simple_reply(77), 0u);
+}
+
+TEST_F(NbdServerTest, ShutDownDropsClientsAfterTheirRequests) {
+  open_node(50'000'000);  // every request takes 50 ms
+  start();
+  greet();
+  go();
+  send_request(kCmdWrite, 0, 4, 1, 0, {1, 2, 3, 4});
+  bool removed = false;
+  loop().call([&] {
+    EXPECT_EQ(exports_[0]->client_count(), 1u);
+    // Removal waits for the write in flight, then the client is gone and the node released.
+    run_blocking(exports_[0]->shut_down());
+    removed = true;
+    EXPECT_EQ(exports_[0]->client_count(), 0u);
+    EXPECT_TRUE(exports_[0]->shutting_down());
+    EXPECT_EQ(server_->find_export("exp"), nullptr);
+    EXPECT_EQ(node_->users().size(), 0u);
+  });
+  EXPECT_TRUE(removed);
+  // The write was answered before the connection went away, or the client saw the end.
+  auto reply = recv_bytes(kSimpleReplySize);
+  if (reply.size() == kSimpleReplySize) {
+    EXPECT_EQ(load64(reply.data() + 8), 1u);
+  }
+  EXPECT_TRUE(at_eof());
+  exports_.clear();
 }
 
 TEST_F(NbdServerTest, ManyRequestsInFlight) {
