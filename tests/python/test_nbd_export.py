@@ -479,3 +479,18 @@ def test_nbdcopy_round_trip(session: Session, sock: str, tmp_path: Path) -> None
     back = tmp_path / "back.raw"
     subprocess.run(["nbdcopy", uri, str(back)], check=True)
     assert back.read_bytes() == source.read_bytes()
+
+
+@needs_libnbd
+def test_engine_shutdown_with_clients_connected(tmp_path: Path, sock: str) -> None:
+    image = tmp_path / "disk.raw"
+    make_image(image, 1 << 20)
+    s = Session()
+    export_file(s, image, sock)
+    h = connect(sock)
+    h.pwrite(b"persist", 0)  # answered: it must survive the shutdown
+    s.close()  # drops the client, drains, flushes
+    with pytest.raises(nbd.Error):
+        h.pread(512, 0)
+    assert not os.path.exists(sock)
+    assert image.read_bytes()[:7] == b"persist"
