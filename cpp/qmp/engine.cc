@@ -1,5 +1,7 @@
 #include "qmp/engine.h"
 
+#include <cctype>
+
 #include "qmp/dispatcher.h"
 #include "qmp/version.h"
 
@@ -33,6 +35,48 @@ bool Context::wait_shutdown(std::optional<std::chrono::milliseconds> timeout) {
   return shutdown_cv_.wait_for(lock, *timeout, requested);
 }
 
+namespace {
+
+// Describes why `text` is not valid JSON, in QEMU's words for the common mistakes (a bare word,
+// a missing value) and in the JSON library's words otherwise.
+std::string describe_parse_error(std::string_view text, std::string library_message) {
+  bool in_string = false;
+  bool escaped = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_string) {
+      if (escaped) {
+        escaped = false;
+      } else if (c == '\\') {
+        escaped = true;
+      } else if (c == '"') {
+        in_string = false;
+      }
+      continue;
+    }
+    if (c == '"') {
+      in_string = true;
+    } else if (std::isalpha(static_cast<unsigned char>(c))) {
+      size_t end = i;
+      while (end < text.size() && std::isalnum(static_cast<unsigned char>(text[end]))) ++end;
+      const std::string_view word = text.substr(i, end - i);
+      if (word != "true" && word != "false" && word != "null") {
+        return "invalid keyword '" + std::string(word) + "'";
+      }
+      i = end - 1;
+    }
+  }
+  // Drop the library's "[json.exception.parse_error.101] " tag.
+  if (auto end = library_message.find("] ");
+      library_message.starts_with("[json.exception") && end != std::string::npos) {
+    library_message.erase(0, end + 2);
+  }
+  if (library_message.find("while parsing value") != std::string::npos) return "expecting value";
+  return library_message;
+}
+
+}  // namespace
+
 Expected<nlohmann::json> parse_request(std::string_view text) {
   nlohmann::json value = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (value.is_discarded()) {
@@ -41,12 +85,7 @@ Expected<nlohmann::json> parse_request(std::string_view text) {
       nlohmann::json unused = nlohmann::json::parse(text);
       (void)unused;
     } catch (const nlohmann::json::exception& error) {
-      std::string what = error.what();
-      // Drop the library's "[json.exception.parse_error.101] " tag.
-      if (auto end = what.find("] "); what.starts_with("[json.exception") && end != what.npos) {
-        what.erase(0, end + 2);
-      }
-      return Status::generic("JSON parse error, " + what);
+      return Status::generic("JSON parse error, " + describe_parse_error(text, error.what()));
     }
     return Status::generic("JSON parse error");
   }

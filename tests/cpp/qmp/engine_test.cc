@@ -29,6 +29,16 @@ TEST(EngineTest, UnknownCommand) {
   EXPECT_EQ(reply["error"]["desc"], "The command no-such-command has not been found");
 }
 
+TEST(EngineTest, ParseErrorsInQemuWords) {
+  auto engine = make_engine();
+  auto desc = [&](std::string_view text) {
+    return nlohmann::json::parse(engine->execute(text))["error"]["desc"].get<std::string>();
+  };
+  EXPECT_EQ(desc("{bad json}"), "JSON parse error, invalid keyword 'bad'");
+  EXPECT_EQ(desc("}"), "JSON parse error, expecting value");
+  EXPECT_EQ(desc("[1, 2]"), "QMP input must be a JSON object");
+}
+
 TEST(EngineTest, ShutdownWithNodesFlushesAndFreesEverything) {
   auto engine = make_engine();
   auto reply = run(*engine, {{"execute", "blockdev-add"},
