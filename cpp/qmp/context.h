@@ -16,6 +16,7 @@
 #include "exports/export.h"
 #include "exports/nbd/server.h"
 #include "qmp/event_bus.h"
+#include "runtime/event.h"
 #include "runtime/loop.h"
 
 namespace blockd::qmp {
@@ -66,6 +67,8 @@ class Context {
   std::vector<std::shared_ptr<exports::Export>>& exports() noexcept { return exports_; }
   // The NBD server of nbd-server-start (null while stopped).
   std::unique_ptr<exports::nbd::Server>& nbd_server() noexcept { return nbd_server_; }
+  // Notified whenever an export has been removed from exports().
+  Event& exports_changed() noexcept { return exports_changed_; }
 
   // Runs `task` to completion on the main loop, from a handler (which runs on the main loop):
   // the loop keeps serving other work while it waits, as QEMU's nested polling does.
@@ -91,6 +94,7 @@ class Context {
   std::map<std::string, std::unique_ptr<UserObject>> objects_;
   std::vector<std::shared_ptr<exports::Export>> exports_;
   std::unique_ptr<exports::nbd::Server> nbd_server_;
+  Event exports_changed_;
   std::atomic<bool> shutdown_requested_{false};
   std::mutex shutdown_mutex_;
   std::condition_variable shutdown_cv_;

@@ -494,3 +494,25 @@ def test_engine_shutdown_with_clients_connected(tmp_path: Path, sock: str) -> No
         h.pread(512, 0)
     assert not os.path.exists(sock)
     assert image.read_bytes()[:7] == b"persist"
+
+
+@needs_libnbd
+def test_hard_delete_waits_for_requests_in_flight(session: Session, sock: str) -> None:
+    session.qmp("blockdev-add", driver="null-co", node_name="slow", size=1 << 20, latency_ns=500_000_000)
+    session.qmp("nbd-server-start", addr=unix_addr(sock))
+    session.qmp("block-export-add", type="nbd", id="e", node_name="slow")
+    h = connect(sock, name="slow")
+    buffer = nbd.Buffer(512)
+    h.aio_pread(buffer, 0)  # sent at once; the node answers after 500 ms
+    h.poll(0)
+    session.qmp("block-export-del", id="e", mode="hard")
+    # As qemu-storage-daemon: the command returns at once, the export shuts down in the background.
+    assert session.qmp("query-block-exports") == [
+        {"id": "e", "type": "nbd", "node-name": "slow", "shutting-down": True}]
+    assert session.error("block-export-del", id="e", mode="hard") == \
+        ("GenericError", "Export 'e' is already shutting down")
+    assert session.error("block-export-add", type="nbd", id="e", node_name="slow") == \
+        ("GenericError", "Block export id 'e' is already in use")
+    assert session.events("BLOCK_EXPORT_DELETED", timeout=2) == [{"id": "e"}]
+    assert session.qmp("query-block-exports") == []
+    session.qmp("block-export-add", type="nbd", id="e", node_name="slow")

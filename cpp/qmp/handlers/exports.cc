@@ -4,6 +4,7 @@
 //
 // The checks run in the order qemu-storage-daemon 7.2 runs them, so the same mistake gets the same
 // error: export id, duplicate id, node, iothread, then the NBD server and the NBD-specific options.
+#include <algorithm>
 #include <cctype>
 
 #include "exports/nbd/server.h"
@@ -86,22 +87,41 @@ bool is_identifier(const std::string& id) {
   return true;
 }
 
-// Removes `target` for good: drops its clients, drains it, releases its node, forgets it and
-// announces BLOCK_EXPORT_DELETED. Runs nested on the main loop until the export is gone.
-void delete_export(qmp::Context& context, exports::Export* target) {
-  std::shared_ptr<exports::Export> held;
-  for (const auto& candidate : context.exports()) {
-    if (candidate.get() == target) held = candidate;
-  }
-  context.run_nested([](std::shared_ptr<exports::Export> doomed) -> Task<bool> {
-    co_await doomed->shut_down();
-    co_return true;
-  }(held));
+// Removes `doomed` for good: drops its clients, drains it, releases its node, forgets it and
+// announces BLOCK_EXPORT_DELETED (so the id is free again when the event arrives).
+Task<void> finish_delete(qmp::Context& context, std::shared_ptr<exports::Export> doomed) {
+  co_await doomed->shut_down();
   auto& list = context.exports();
-  list.erase(std::remove(list.begin(), list.end(), held), list.end());
+  list.erase(std::remove(list.begin(), list.end(), doomed), list.end());
   BlockExportDeletedEvent event;
-  event.id = held->id();
+  event.id = doomed->id();
   emit_block_export_deleted(context.events(), event);
+  context.exports_changed().notify_all();
+}
+
+// Starts removing `target`. As in QEMU, an export without clients is gone (and its event sent)
+// when this returns; one with clients shows shutting-down until they have been dropped and their
+// requests have finished.
+void begin_delete(qmp::Context& context, exports::Export* target) {
+  for (const auto& candidate : context.exports()) {
+    if (candidate.get() == target) {
+      context.main_loop().spawn(finish_delete(context, candidate));
+      return;
+    }
+  }
+}
+
+// Waits (serving the loop) until no export satisfies `pending`.
+template <typename Pending>
+void wait_for_exports(qmp::Context& context, Pending pending) {
+  context.run_nested([](qmp::Context& ctx, Pending still) -> Task<bool> {
+    auto busy = [&] {
+      return std::any_of(ctx.exports().begin(), ctx.exports().end(),
+                         [&](const auto& entry) { return still(*entry); });
+    };
+    while (busy()) co_await ctx.exports_changed().wait();
+    co_return true;
+  }(context, pending));
 }
 
 Status remove_export(qmp::Context& context, const std::string& id,
@@ -115,11 +135,11 @@ Status remove_export(qmp::Context& context, const std::string& id,
       target->client_count() > 0) {
     return Status::generic("export '" + id + "' still in use");
   }
-  delete_export(context, target);
+  begin_delete(context, target);
   return Status::ok();
 }
 
-// Deletes every NBD export (oldest first) and stops the server.
+// Deletes every NBD export (oldest first), waits until they are gone and stops the server.
 void stop_nbd_server(qmp::Context& context) {
   std::vector<exports::Export*> doomed;
   for (const auto& candidate : context.exports()) {
@@ -127,7 +147,8 @@ void stop_nbd_server(qmp::Context& context) {
       doomed.push_back(candidate.get());
     }
   }
-  for (auto it = doomed.rbegin(); it != doomed.rend(); ++it) delete_export(context, *it);
+  for (auto it = doomed.rbegin(); it != doomed.rend(); ++it) begin_delete(context, *it);
+  wait_for_exports(context, [](const exports::Export& entry) { return entry.type_name() == "nbd"; });
   context.run_nested([](exports::nbd::Server& server) -> Task<bool> {
     co_await server.stop();
     co_return true;
@@ -167,10 +188,13 @@ Status nbd_server_start_options(qmp::Context& context, const NbdServerOptions& o
 
 // Shuts every export down and stops the NBD server (Engine::shutdown).
 void stop_all_exports(qmp::Context& context) {
-  if (context.nbd_server()) {
-    stop_nbd_server(context);
+  if (context.nbd_server()) stop_nbd_server(context);
+  std::vector<exports::Export*> doomed;
+  for (const auto& candidate : context.exports()) {
+    if (!candidate->shutting_down()) doomed.push_back(candidate.get());
   }
-  while (!context.exports().empty()) delete_export(context, context.exports().back().get());
+  for (auto it = doomed.rbegin(); it != doomed.rend(); ++it) begin_delete(context, *it);
+  wait_for_exports(context, [](const exports::Export&) { return true; });
 }
 
 Status qmp_nbd_server_start(qmp::Context& context, const NbdServerStartArgs& args) {
