@@ -1,0 +1,562 @@
+#!/usr/bin/env python3
+"""Compare blockd-daemon's NBD server with qemu-storage-daemon, qemu-nbd and nbdkit using fio.
+
+Usage (from the repository root, after `./dev build` or `./dev test`):
+
+    .venv/bin/python bench/run.py [--quick] [--reps N] [--runtime S] [--output bench/RESULTS.md]
+
+Each server exports the same 1 GiB raw image in /dev/shm over a unix socket. For every
+repetition, every workload and every server in turn, the script starts the server alone on the
+image, waits until it answers the NBD greeting, runs fio's nbd engine against it, reads the
+server's CPU time from /proc before and after, and stops it. It then writes medians, ratios and
+the issue's target check to a Markdown report. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGE_SIZE = 1 << 30
+EXPORT = "disk"  # export name every server answers to
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+# Peers: the servers a user could pick instead of blockd. Ceilings are not peers.
+PEERS = ("qsd", "qemu-nbd", "nbdkit", "nbdkit-t2")
+
+
+@dataclasses.dataclass(frozen=True)
+class Server:
+    key: str
+    label: str
+    # argv builder: (image path, socket path) -> argv
+    argv: object
+    note: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    key: str
+    label: str
+    fio_args: tuple[str, ...]
+
+
+def blockd_daemon() -> str:
+    """The blockd-daemon next to the running interpreter (the venv's), else the repo's venv."""
+    candidates = [Path(sys.executable).parent / "blockd-daemon", REPO / ".venv/bin/blockd-daemon"]
+    for path in candidates:
+        if path.exists():
+            return str(path)
+    sys.exit("bench: blockd-daemon not found; run ./dev build first")
+
+
+def qsd_style_argv(program: str, image: str, sock: str) -> list[str]:
+    return [
+        program,
+        "--blockdev", f"driver=file,node-name=file0,filename={image}",
+        "--blockdev", f"driver=raw,node-name={EXPORT},file=file0",
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", f"type=nbd,id=export0,node-name={EXPORT},writable=on",
+    ]
+
+
+def null_co_argv(program: str, sock: str) -> list[str]:
+    return [
+        program,
+        "--blockdev", f"driver=null-co,node-name={EXPORT},size={IMAGE_SIZE}",
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", f"type=nbd,id=export0,node-name={EXPORT},writable=on",
+    ]
+
+
+def make_servers() -> list[Server]:
+    blockd = blockd_daemon()
+    return [
+        Server("blockd", "blockd-daemon (file+raw)",
+               lambda img, sock: qsd_style_argv(blockd, img, sock),
+               "file + raw nodes, default options (cache.direct=off, i.e. writeback)"),
+        Server("qsd", "qemu-storage-daemon (file+raw)",
+               lambda img, sock: qsd_style_argv("qemu-storage-daemon", img, sock),
+               "same options as blockd: file + raw, cache.direct=off (writeback), aio=threads "
+               "(the default), no iothread"),
+        Server("qemu-nbd", "qemu-nbd",
+               lambda img, sock: ["qemu-nbd", "-f", "raw", "-k", sock, "-x", EXPORT,
+                                  "--cache=writeback", "--aio=threads", "--persistent",
+                                  "--shared=16", img],
+               "--cache=writeback (its default), --aio=threads (its default), --persistent and "
+               "--shared=16 so that several fio runs and 4 connections are allowed"),
+        Server("nbdkit", "nbdkit file",
+               lambda img, sock: ["nbdkit", "-f", "-U", sock, "file", img],
+               "file plugin, default threads (16), page cache"),
+        Server("nbdkit-t2", "nbdkit file --threads 2",
+               lambda img, sock: ["nbdkit", "-f", "--threads", "2", "-U", sock, "file", img],
+               "file plugin with --threads 2 (one per core here)"),
+        Server("blockd-null", "blockd-daemon (null-co)",
+               lambda img, sock: null_co_argv(blockd, sock),
+               "null-co node of 1 GiB (read-zeroes off): blockd's client-bound ceiling"),
+        Server("nbdkit-null", "nbdkit null",
+               lambda img, sock: ["nbdkit", "-f", "-U", sock, "null", str(IMAGE_SIZE)],
+               "null plugin, 1 GiB: reference for how fast the client can go"),
+    ]
+
+
+WORKLOADS = [
+    Workload("randread-4k-qd1", "4k randread QD1",
+             ("--rw=randread", "--bs=4k", "--iodepth=1")),
+    Workload("randread-4k-qd32", "4k randread QD32",
+             ("--rw=randread", "--bs=4k", "--iodepth=32")),
+    Workload("randwrite-4k-qd32", "4k randwrite QD32",
+             ("--rw=randwrite", "--bs=4k", "--iodepth=32")),
+    Workload("randrw-64k-qd16", "64k randrw 70/30 QD16",
+             ("--rw=randrw", "--rwmixread=70", "--bs=64k", "--iodepth=16")),
+    Workload("read-1m-qd8", "1M seq read QD8",
+             ("--rw=read", "--bs=1M", "--iodepth=8")),
+    Workload("write-1m-qd8", "1M seq write QD8",
+             ("--rw=write", "--bs=1M", "--iodepth=8")),
+    Workload("randread-4k-qd8-4conn", "4k randread QD8 x 4 connections",
+             ("--rw=randread", "--bs=4k", "--iodepth=8", "--numjobs=4")),
+]
+
+
+@dataclasses.dataclass
+class Run:
+    rep: int
+    workload: str
+    server: str
+    ok: bool = False
+    iops: float = 0.0
+    bw_bytes: float = 0.0
+    ios: int = 0
+    cpu_seconds: float = 0.0
+    elapsed: float = 0.0
+    fio_cpu_percent: float = 0.0  # fio's usr+sys, of one core
+    error: str = ""
+
+    @property
+    def cpu_us_per_io(self) -> float:
+        return self.cpu_seconds * 1e6 / self.ios if self.ios else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Server life cycle
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of pid, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as stat:
+        text = stat.read()
+    # The command name may contain spaces; fields after ")" start at field 3.
+    fields = text[text.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def wait_until_serving(proc: subprocess.Popen, sock: str, timeout: float = 20.0) -> str:
+    """Wait until sock accepts a connection and sends the NBD greeting; '' or an error text."""
+    deadline = time.monotonic() + timeout
+    last = "socket never appeared"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"server exited with status {proc.returncode} before serving"
+        if os.path.exists(sock):
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                    conn.settimeout(2.0)
+                    conn.connect(sock)
+                    greeting = b""
+                    while len(greeting) < 8:
+                        chunk = conn.recv(8 - len(greeting))
+                        if not chunk:
+                            break
+                        greeting += chunk
+                    if greeting == b"NBDMAGIC":
+                        return ""
+                    last = f"unexpected greeting {greeting!r}"
+            except OSError as error:
+                last = str(error)
+        time.sleep(0.05)
+    return f"not serving after {timeout:.0f} s: {last}"
+
+
+def stop(proc: subprocess.Popen) -> str:
+    """SIGTERM, then SIGKILL after 15 s; returns a note when it did not stop cleanly."""
+    if proc.poll() is not None:
+        return f"server had already exited with status {proc.returncode}"
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return "server ignored SIGTERM for 15 s and was killed"
+    if proc.returncode not in (0, -signal.SIGTERM, 143):
+        return f"server exited with status {proc.returncode} on SIGTERM"
+    return ""
+
+
+def tail(path: Path, limit: int = 1500) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return text[-limit:].strip()
+
+
+def run_one(server: Server, workload: Workload, rep: int, image: str, workdir: Path,
+            runtime: int, fio: str) -> Run:
+    run = Run(rep, workload.key, server.key)
+    sock = str(workdir / f"{server.key}.sock")
+    if os.path.exists(sock):
+        os.unlink(sock)
+    server_log = workdir / f"{server.key}.{workload.key}.{rep}.server.log"
+    with open(server_log, "wb") as log:
+        proc = subprocess.Popen(server.argv(image, sock), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        problem = wait_until_serving(proc, sock)
+        if problem:
+            run.error = f"{problem}; server output: {tail(server_log)}"
+            return run
+        uri = f"nbd+unix:///{EXPORT}?socket={sock}"
+        fio_json = workdir / f"{server.key}.{workload.key}.{rep}.fio.json"
+        argv = [fio, "--name=bench", "--ioengine=nbd", f"--uri={uri}", *workload.fio_args,
+                "--time_based", f"--runtime={runtime}", "--norandommap", "--randrepeat=0",
+                "--group_reporting", "--output-format=json", f"--output={fio_json}"]
+        before = cpu_seconds(proc.pid)
+        start = time.monotonic()
+        try:
+            result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                                    text=True, timeout=runtime + 60)
+        except subprocess.TimeoutExpired as expired:
+            run.error = (f"fio did not finish within {runtime + 60} s (killed); fio output: "
+                         f"{(expired.stderr or b'')[-1500:]!r}; server output: {tail(server_log)}")
+            return run
+        run.elapsed = time.monotonic() - start
+        if proc.poll() is not None:
+            run.error = (f"server exited with status {proc.returncode} during fio; "
+                         f"server output: {tail(server_log)}; fio stderr: "
+                         f"{result.stderr.strip()[-1500:]}")
+            return run
+        run.cpu_seconds = cpu_seconds(proc.pid) - before
+        text = fio_json.read_text(errors="replace") if fio_json.exists() else ""
+        try:
+            # fio's nbd engine prints "fio: connected to NBD server" before the JSON.
+            report = json.loads(text[text.index("{"):])
+            job = report["jobs"][0]
+        except (ValueError, KeyError, IndexError):
+            run.error = (f"fio exited with status {result.returncode} without a JSON report; "
+                         f"stderr: {result.stderr.strip()[-1500:]}; stdout: "
+                         f"{(result.stdout + text).strip()[-1500:]}")
+            return run
+        if result.returncode != 0 or job.get("error"):
+            run.error = (f"fio exited with status {result.returncode}, job error "
+                         f"{job.get('error')}; stderr: {result.stderr.strip()[-1500:]}; "
+                         f"server output: {tail(server_log)}")
+            return run
+        run.iops = job["read"]["iops"] + job["write"]["iops"]
+        run.bw_bytes = job["read"]["bw_bytes"] + job["write"]["bw_bytes"]
+        run.ios = job["read"]["total_ios"] + job["write"]["total_ios"]
+        run.fio_cpu_percent = job.get("usr_cpu", 0.0) + job.get("sys_cpu", 0.0)
+        run.ok = run.ios > 0
+        if not run.ok:
+            run.error = "fio completed no I/O"
+        return run
+    finally:
+        note = stop(proc)
+        if note and run.ok:
+            run.error = note  # recorded, the measurement itself stands
+        elif note:
+            run.error += f"; {note}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Image, machine description, report
+
+
+def make_image(path: Path) -> None:
+    """A fully written (not sparse) 1 GiB file of pseudo-random bytes."""
+    chunk = os.urandom(1 << 20)
+    with open(path, "wb") as image:
+        for index in range(IMAGE_SIZE >> 20):
+            # Vary each MiB cheaply so that no two blocks are equal.
+            image.write(index.to_bytes(8, "little") + chunk[8:])
+        image.flush()
+        os.fsync(image.fileno())
+    allocated = os.stat(path).st_blocks * 512
+    if allocated < IMAGE_SIZE:
+        sys.exit(f"bench: {path} is sparse ({allocated} of {IMAGE_SIZE} bytes allocated)")
+
+
+def first_line(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"unavailable ({error})"
+    lines = (out.stdout or out.stderr).strip().splitlines()
+    return lines[0].strip() if lines else "unknown"
+
+
+def machine(fio: str) -> list[tuple[str, str]]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = "unknown"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                memory = f"{int(line.split()[1]) / (1 << 20):.1f} GiB"
+    except OSError:
+        pass
+    return [
+        ("nproc", str(os.cpu_count())),
+        ("CPU", model),
+        ("memory", memory),
+        ("kernel", platform.release()),
+        ("load average at start", " ".join(f"{x:.2f}" for x in os.getloadavg())),
+        ("blockd-daemon", first_line([blockd_daemon(), "-V"])),
+        ("qemu-storage-daemon", first_line(["qemu-storage-daemon", "--version"])),
+        ("qemu-nbd", first_line(["qemu-nbd", "--version"])),
+        ("nbdkit", first_line(["nbdkit", "--version"])),
+        ("fio", first_line([fio, "--version"])),
+        ("blockd commit", first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])),
+    ]
+
+
+def fmt_count(value: float) -> str:
+    if value != value:  # NaN
+        return "–"
+    if value >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    if value >= 1e3:
+        return f"{value / 1e3:.1f}k"
+    return f"{value:.0f}"
+
+
+def fmt_bw(value: float) -> str:
+    if value >= 1 << 30:
+        return f"{value / (1 << 30):.2f} GiB/s"
+    return f"{value / (1 << 20):.0f} MiB/s"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def report(runs: list[Run], servers: list[Server], workloads: list[Workload], args,
+           command: str, started: str, finished: str, desc: list[tuple[str, str]],
+           load_end: str) -> str:
+    out: list[str] = []
+    mode = "quick" if args.quick else "full"
+    reps = f"{args.reps} repetition" + ("s" if args.reps != 1 else "")
+    out.append("# blockd NBD benchmark results\n")
+    out.append(f"Written by `bench/run.py` ({mode} run, {reps} of {args.runtime} s per workload "
+               f"and server), {started} to {finished} UTC.\n")
+    out.append("Command:\n")
+    out.append(f"```sh\n{command}\n```\n")
+    out.append("## Machine\n")
+    out.append("| | |\n|---|---|")
+    for key, value in desc + [("load average at end", load_end)]:
+        out.append(f"| {key} | {value} |")
+    out.append("")
+    out.append(
+        f"This machine has only {os.cpu_count()} cores, and other work (builds and test suites of "
+        "other engineers) was running on it during the benchmark: fio, the server and that work "
+        "share the same cores, so absolute numbers are noisy and mostly bound by fio itself. "
+        "Servers were interleaved (for each repetition, each workload, each server in turn) so that "
+        "background load spreads over all of them; compare ratios, not absolute values.\n")
+    out.append("## Method\n")
+    out.append(
+        f"- Image: a 1 GiB raw file in /dev/shm, fully written (not sparse); writes go to it. Each "
+        "server is started alone on it for one fio run and stopped (SIGTERM) before the next starts.\n"
+        f"- Client: `fio --ioengine=nbd --uri=nbd+unix:///{EXPORT}?socket=SOCK --time_based "
+        f"--runtime={args.runtime} --norandommap --randrepeat=0 --group_reporting "
+        "--output-format=json` plus the workload's options (below). `numjobs=4` opens 4 NBD "
+        "connections.\n"
+        "- IOPS are read + write IOPS; bandwidth is read + write. Server CPU is utime + stime of "
+        "the server process (all threads) from /proc/PID/stat around the fio run, divided by the "
+        "I/Os fio completed (µs of server CPU per I/O; clock tick "
+        f"{1000 / CLOCK_TICKS:.0f} ms, so QD1 numbers are coarse). fio CPU is fio's usr+sys "
+        "(percent of one core).\n"
+        "- Values are medians over the repetitions; the per-repetition IOPS are listed too.\n"
+        "- Target (issue 3): blockd ≥ min(1.2 × best peer, 0.95 × blockd null-co ceiling) IOPS, "
+        "with less server CPU per I/O than every peer. Peers: "
+        + ", ".join(s.label for s in servers if s.key in PEERS) + ".\n")
+    out.append("Servers:\n")
+    for server in servers:
+        argv = server.argv("IMG", "SOCK")
+        shown = " ".join(shlex.quote(a) for a in argv)
+        shown = shown.replace(blockd_daemon(), "blockd-daemon")
+        out.append(f"- **{server.label}**: `{shown}` — {server.note}")
+    out.append("")
+
+    by_key = {(r.workload, r.server): [] for r in runs}
+    for r in runs:
+        by_key[(r.workload, r.server)].append(r)
+
+    summary: list[str] = []
+    failures: list[Run] = [r for r in runs if r.error]
+    out.append("## Results\n")
+    for workload in workloads:
+        out.append(f"### {workload.label}\n")
+        out.append(f"fio options: `{' '.join(workload.fio_args)}`\n")
+        out.append("| server | IOPS | bandwidth | server CPU µs/IO | server CPU % | fio CPU % "
+                   "| IOPS per repetition | failed runs |")
+        out.append("|---|---:|---:|---:|---:|---:|---|---:|")
+        medians: dict[str, tuple[float, float, float]] = {}
+        for server in servers:
+            rs = by_key.get((workload.key, server.key), [])
+            good = [r for r in rs if r.ok]
+            failed = len(rs) - len(good)
+            if not good:
+                out.append(f"| {server.label} | FAILED | | | | | | {failed}/{len(rs)} |")
+                continue
+            iops = median([r.iops for r in good])
+            bw = median([r.bw_bytes for r in good])
+            cpu = median([r.cpu_us_per_io for r in good])
+            cpu_pct = median([100 * r.cpu_seconds / r.elapsed for r in good if r.elapsed])
+            fio_pct = median([r.fio_cpu_percent for r in good])
+            medians[server.key] = (iops, bw, cpu)
+            per_rep = " / ".join(fmt_count(r.iops) for r in sorted(good, key=lambda r: r.rep))
+            out.append(f"| {server.label} | {fmt_count(iops)} | {fmt_bw(bw)} | {cpu:.1f} | "
+                       f"{cpu_pct:.0f} | {fio_pct:.0f} | {per_rep} | {failed}/{len(rs)} |")
+        out.append("")
+        peers = {k: v for k, v in medians.items() if k in PEERS}
+        line = f"| {workload.label} |"
+        if "blockd" in medians and peers:
+            best_key = max(peers, key=lambda k: peers[k][0])
+            best = peers[best_key][0]
+            blockd_iops, _, blockd_cpu = medians["blockd"]
+            vs_peer = blockd_iops / best
+            ceiling = medians.get("blockd-null", (float("nan"),))[0]
+            vs_null = blockd_iops / ceiling if ceiling == ceiling else float("nan")
+            target = min(1.2 * best, 0.95 * ceiling) if ceiling == ceiling else 1.2 * best
+            min_peer_cpu = min(v[2] for v in peers.values())
+            speed_ok = blockd_iops >= target
+            cpu_ok = blockd_cpu < min_peer_cpu
+            label = next(s.label for s in servers if s.key == best_key)
+            out.append(f"blockd vs best peer ({label}): **{vs_peer:.2f}×**; vs its null-co "
+                       f"ceiling: **{100 * vs_null:.0f}%**; target {fmt_count(target)} IOPS: "
+                       f"{'met' if speed_ok else 'NOT met'}; CPU/IO {blockd_cpu:.1f} µs vs "
+                       f"lowest peer {min_peer_cpu:.1f} µs: {'less' if cpu_ok else 'NOT less'}.\n")
+            line += (f" {fmt_count(blockd_iops)} | {label} {fmt_count(best)} | {vs_peer:.2f}× | "
+                     f"{100 * vs_null:.0f}% | {'yes' if speed_ok else 'no'} | "
+                     f"{blockd_cpu:.1f} vs {min_peer_cpu:.1f} | {'yes' if cpu_ok else 'no'} |")
+        else:
+            out.append("No comparison: blockd or every peer failed on this workload.\n")
+            line += " – | – | – | – | no | – | no |"
+        summary.append(line)
+
+    out.append("## Summary against the target\n")
+    out.append("| workload | blockd IOPS | best peer IOPS | blockd / best peer | blockd / its null-co "
+               "| IOPS target met | CPU µs/IO blockd vs lowest peer | less CPU |")
+    out.append("|---|---:|---|---:|---:|---|---|---|")
+    out.extend(summary)
+    out.append("")
+
+    out.append("## Failures and warnings\n")
+    if not failures:
+        out.append("None: every run completed without errors.\n")
+    else:
+        for r in failures:
+            kind = "warning" if r.ok else "FAILED"
+            out.append(f"- {kind}: repetition {r.rep}, {r.workload}, {r.server}: "
+                       f"{r.error.replace(chr(10), ' ')}")
+        out.append("")
+    return "\n".join(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 s per run instead of 10 s")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
+    parser.add_argument("--runtime", type=int, help="seconds per fio run (overrides --quick)")
+    parser.add_argument("--servers", help="comma-separated subset of: "
+                        + ",".join(s.key for s in make_servers()))
+    parser.add_argument("--workloads", help="comma-separated subset of: "
+                        + ",".join(w.key for w in WORKLOADS))
+    parser.add_argument("--output", default=str(REPO / "bench/RESULTS.md"),
+                        help="report path (default bench/RESULTS.md)")
+    parser.add_argument("--raw", help="also write every run as JSON to this path")
+    parser.add_argument("--image", default="/dev/shm/blockd-bench.img",
+                        help="image path (default /dev/shm/blockd-bench.img, removed at the end)")
+    args = parser.parse_args()
+    if args.runtime is None:
+        args.runtime = 3 if args.quick else 10
+    if args.reps < 1:
+        parser.error("--reps must be at least 1")
+
+    fio = shutil.which("fio")
+    if not fio:
+        sys.exit("bench: fio not found (Debian package fio)")
+    servers = make_servers()
+    if args.servers:
+        wanted = args.servers.split(",")
+        servers = [s for s in servers if s.key in wanted]
+    workloads = WORKLOADS
+    if args.workloads:
+        wanted = args.workloads.split(",")
+        workloads = [w for w in WORKLOADS if w.key in wanted]
+    for server in servers:
+        program = server.argv("IMG", "SOCK")[0]
+        if not shutil.which(program):
+            sys.exit(f"bench: {program} not found")
+
+    command = " ".join(shlex.quote(a) for a in
+                       [os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO))
+                        else sys.executable, "bench/run.py", *sys.argv[1:]])
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    desc = machine(fio)
+    image = Path(args.image)
+    print(f"bench: writing {image} (1 GiB)", flush=True)
+    make_image(image)
+    runs: list[Run] = []
+    total = args.reps * len(workloads) * len(servers)
+    with tempfile.TemporaryDirectory(prefix="blockd-bench-") as tmp:
+        workdir = Path(tmp)
+        try:
+            for rep in range(1, args.reps + 1):
+                for workload in workloads:
+                    for server in servers:
+                        run = run_one(server, workload, rep, str(image), workdir, args.runtime,
+                                      fio)
+                        runs.append(run)
+                        status = (f"{fmt_count(run.iops)} IOPS, {fmt_bw(run.bw_bytes)}, "
+                                  f"{run.cpu_us_per_io:.1f} µs CPU/IO" if run.ok else "FAILED")
+                        print(f"[{len(runs)}/{total}] rep {rep} {workload.key} {server.key}: "
+                              f"{status}" + (f" ({run.error[:300]})" if run.error else ""),
+                              flush=True)
+        except KeyboardInterrupt:
+            print("bench: interrupted; writing the report for the runs so far", flush=True)
+        finally:
+            image.unlink(missing_ok=True)
+    finished = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    load_end = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    text = report(runs, servers, workloads, args, command, started, finished, desc, load_end)
+    Path(args.output).write_text(text + "\n")
+    if args.raw:
+        Path(args.raw).write_text(json.dumps([dataclasses.asdict(r) for r in runs], indent=1))
+    print(f"bench: wrote {args.output}", flush=True)
+    return 0 if all(r.ok for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
