@@ -161,6 +161,11 @@ def test_qmp_errors_match_qsd(session: Session, sock: str) -> None:
         ("GenericError", "Cannot export read-only node as writable")
     assert session.error("block-export-add", type="nbd", id="e1", node_name="n0", name="z",
                          iothread="nope") == ("GenericError", 'iothread "nope" not found')
+    assert session.error("block-export-add", type="nbd", id="e1", node_name="n0", name="z",
+                         allocation_depth=True) == \
+        ("GenericError", "allocation-depth is not supported by blockd yet")  # qsd: accepted
+    assert session.error("block-export-add", type="nbd", id="e1", node_name="n0", name="z",
+                         bitmaps=["b"]) == ("GenericError", "Bitmap 'b' is not found")
     assert session.error("nbd-server-add", device="nope") == \
         ("GenericError", "Cannot find device='nope' nor node-name='nope'")
     session.qmp("nbd-server-add", device="ro", name="legacy")

@@ -233,6 +233,10 @@ Status qmp_block_export_add(qmp::Context& context, const BlockExportOptions& opt
       return Status::generic("Bitmap '" + bitmap_name + "' is not found");
     }
   }
+  if (nbd.allocation_depth.value_or(false) && !options.iothread && context.nbd_server()) {
+    // QEMU would offer the qemu:allocation-depth metadata context; blockd does not have it yet.
+    return Status::generic("allocation-depth is not supported by blockd yet");
+  }
   NbdExportRequest request;
   request.id = options.id;
   request.node_name = options.node_name;
