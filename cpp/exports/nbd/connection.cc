@@ -175,8 +175,7 @@ Task<bool> Connection::send_option_reply(uint32_t option, uint32_t type,
   co_return co_await send_all(iov, data.empty() ? 1 : 2);
 }
 
-Task<bool> Connection::send_option_error(uint32_t option, uint32_t type,
-                                         std::string_view message) {
+Task<bool> Connection::send_option_error(uint32_t option, uint32_t type, std::string_view message) {
   co_return co_await send_option_reply(
       option, type,
       std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(message.data()), message.size()));
@@ -295,10 +294,9 @@ Task<bool> Connection::handshake() {
       }
 
       case kOptStartTls:
-        if (!co_await send_option_error(
-                option, length != 0 ? kRepErrInvalid : kRepErrPolicy,
-                length != 0 ? "NBD_OPT_STARTTLS must have no payload"
-                            : "TLS is not enabled on this server")) {
+        if (!co_await send_option_error(option, length != 0 ? kRepErrInvalid : kRepErrPolicy,
+                                        length != 0 ? "NBD_OPT_STARTTLS must have no payload"
+                                                    : "TLS is not enabled on this server")) {
           co_return false;
         }
         break;
@@ -307,9 +305,9 @@ Task<bool> Connection::handshake() {
       case kOptGo: {
         auto request = parse_info_request(payload);
         if (!request) {
-          if (!co_await send_option_error(option, kRepErrInvalid,
-                                          std::string("malformed ") +
-                                              std::string(option_name(option)) + " payload")) {
+          if (!co_await send_option_error(
+                  option, kRepErrInvalid,
+                  std::string("malformed ") + std::string(option_name(option)) + " payload")) {
             co_return false;
           }
           break;
@@ -393,9 +391,9 @@ Task<bool> Connection::handshake() {
         }
         auto request = parse_meta_context_request(payload);
         if (!request) {
-          if (!co_await send_option_error(option, kRepErrInvalid,
-                                          std::string("malformed ") +
-                                              std::string(option_name(option)) + " payload")) {
+          if (!co_await send_option_error(
+                  option, kRepErrInvalid,
+                  std::string("malformed ") + std::string(option_name(option)) + " payload")) {
             co_return false;
           }
           break;
@@ -428,10 +426,10 @@ Task<bool> Connection::handshake() {
       }
 
       default:
-        if (!co_await send_option_error(
-                option, kRepErrUnsup,
-                "option " + std::to_string(option) + " (" + std::string(option_name(option)) +
-                    ") is not supported")) {
+        if (!co_await send_option_error(option, kRepErrUnsup,
+                                        "option " + std::to_string(option) + " (" +
+                                            std::string(option_name(option)) +
+                                            ") is not supported")) {
           co_return false;
         }
         break;
@@ -531,7 +529,8 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
   block::BlockBackend& backend = c.export_->backend();
   PendingReply reply;
   // Headers and metadata of the reply; the data itself stays in `buffer`.
-  uint8_t scratch[kChunkHeaderSize + 4 + kMaxExtents * 8 + kMaxReadChunks * (kChunkHeaderSize + 12)];
+  uint8_t
+      scratch[kChunkHeaderSize + 4 + kMaxExtents * 8 + kMaxReadChunks * (kChunkHeaderSize + 12)];
   const bool structured = c.structured_replies_;
   const uint64_t buffer_bytes = buffer.capacity();
 
@@ -589,8 +588,8 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
           while (position < end && run_count < kMaxReadChunks) {
             block::BlockStatus status = co_await backend.block_status(position, end - position);
             if (status.bytes <= 0) break;
-            const uint64_t bytes = std::min<uint64_t>(static_cast<uint64_t>(status.bytes),
-                                                      end - position);
+            const uint64_t bytes =
+                std::min<uint64_t>(static_cast<uint64_t>(status.bytes), end - position);
             const bool zero = status.flags & block::kStatusZero;
             if (run_count > 0 && runs[run_count - 1].zero == zero) {
               runs[run_count - 1].length += static_cast<uint32_t>(bytes);
@@ -753,8 +752,8 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
 
 Task<void> Connection::transmission() {
   loop_.spawn(writer());
-  const RequestContext base{static_cast<uint64_t>(export_->backend().size()),
-                            export_->writable(), structured_replies_, base_allocation_};
+  const RequestContext base{static_cast<uint64_t>(export_->backend().size()), export_->writable(),
+                            structured_replies_, base_allocation_};
   const ServerOptions& options = server_.options();
   uint8_t header[kRequestSize];
   while (true) {

@@ -155,8 +155,7 @@ std::optional<InfoRequest> parse_info_request(std::span<const uint8_t> payload) 
   InfoRequest request;
   uint32_t name_length;
   uint16_t count;
-  if (!reader.u32(name_length) || !reader.string(name_length, request.name) ||
-      !reader.u16(count)) {
+  if (!reader.u32(name_length) || !reader.string(name_length, request.name) || !reader.u16(count)) {
     return std::nullopt;
   }
   if (reader.remaining() != size_t(count) * 2) return std::nullopt;
@@ -170,8 +169,7 @@ std::optional<MetaContextRequest> parse_meta_context_request(std::span<const uin
   MetaContextRequest request;
   uint32_t name_length;
   uint32_t count;
-  if (!reader.u32(name_length) || !reader.string(name_length, request.name) ||
-      !reader.u32(count)) {
+  if (!reader.u32(name_length) || !reader.string(name_length, request.name) || !reader.u32(count)) {
     return std::nullopt;
   }
   // Each query takes at least its 4-byte length: reject impossible counts before reserving.

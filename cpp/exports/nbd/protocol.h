@@ -4,8 +4,8 @@
 // specified in NetworkBlockDevice/nbd doc/proto.md ("Fixed newstyle negotiation", "Option types",
 // "Option reply types", "Request message", "Simple reply message", "Structured reply chunk
 // message", "Metadata contexts", "Error values"). Everything here is free of I/O so that it can be
-// unit tested and fuzzed: the connection code (connection.cc) reads bytes, calls these functions and
-// writes what they return.
+// unit tested and fuzzed: the connection code (connection.cc) reads bytes, calls these functions
+// and writes what they return.
 //
 // All multi-byte integers on the wire are big-endian.
 #pragma once
@@ -21,8 +21,8 @@
 namespace blockd::exports::nbd {
 
 // ---- Magic numbers.
-inline constexpr uint64_t kNbdMagic = 0x4e42444d41474943ull;       // "NBDMAGIC"
-inline constexpr uint64_t kOptionMagic = 0x49484156454F5054ull;    // "IHAVEOPT"
+inline constexpr uint64_t kNbdMagic = 0x4e42444d41474943ull;     // "NBDMAGIC"
+inline constexpr uint64_t kOptionMagic = 0x49484156454F5054ull;  // "IHAVEOPT"
 inline constexpr uint64_t kOptionReplyMagic = 0x3e889045565a9ull;
 inline constexpr uint32_t kRequestMagic = 0x25609513u;
 inline constexpr uint32_t kSimpleReplyMagic = 0x67446698u;
@@ -166,7 +166,8 @@ inline void store64(uint8_t* p, uint64_t v) noexcept {
 
 // Maps a negative (or positive) errno from the block layer to the NBD error sent to the client.
 // The one table of this export: EPERM/EROFS -> EPERM, EIO, ENOMEM, ENOSPC/EFBIG/EDQUOT -> ENOSPC,
-// EOVERFLOW, ENOTSUP/EOPNOTSUPP, ESHUTDOWN, EINVAL; anything else -> EINVAL (as QEMU's server does).
+// EOVERFLOW, ENOTSUP/EOPNOTSUPP, ESHUTDOWN, EINVAL; anything else -> EINVAL (as QEMU's server
+// does).
 uint32_t errno_to_nbd(int error) noexcept;
 
 // A request header as read from the wire.

@@ -94,8 +94,7 @@ Status Server::listen(const ListenAddress& address) {
     if (!address.abstract && ::unlink(address.path.c_str()) < 0 && errno != ENOENT) {
       const int error = errno;
       ::close(fd);
-      return Status::generic("Failed to unlink socket " + address.path + ": " +
-                             errno_text(-error));
+      return Status::generic("Failed to unlink socket " + address.path + ": " + errno_text(-error));
     }
     if (::bind(fd, reinterpret_cast<sockaddr*>(&un), length) < 0) {
       const int error = errno;

@@ -148,7 +148,8 @@ void stop_nbd_server(qmp::Context& context) {
     }
   }
   for (auto it = doomed.rbegin(); it != doomed.rend(); ++it) begin_delete(context, *it);
-  wait_for_exports(context, [](const exports::Export& entry) { return entry.type_name() == "nbd"; });
+  wait_for_exports(context,
+                   [](const exports::Export& entry) { return entry.type_name() == "nbd"; });
   context.run_nested([](exports::nbd::Server& server) -> Task<bool> {
     co_await server.stop();
     co_return true;

@@ -1,19 +1,18 @@
 // Unit tests of the NBD wire rules (cpp/exports/nbd/protocol.h): request decoding and validation,
 // option payload parsing, metadata context matching, transmission flags and the errno table.
-#include "exports/nbd/protocol.h"
-
 #include <gtest/gtest.h>
 
 #include <cerrno>
 #include <string>
 #include <vector>
 
+#include "exports/nbd/protocol.h"
+
 namespace blockd::exports::nbd {
 namespace {
 
-std::vector<uint8_t> encode_request(uint16_t flags, uint16_t type, uint64_t cookie,
-                                    uint64_t offset, uint32_t length,
-                                    uint32_t magic = kRequestMagic) {
+std::vector<uint8_t> encode_request(uint16_t flags, uint16_t type, uint64_t cookie, uint64_t offset,
+                                    uint32_t length, uint32_t magic = kRequestMagic) {
   std::vector<uint8_t> bytes(kRequestSize);
   store32(bytes.data(), magic);
   store16(bytes.data() + 4, flags);
@@ -64,8 +63,8 @@ TEST(NbdValidateTest, AcceptsInBoundsRequests) {
   EXPECT_EQ(validate_request(make(kCmdWrite, 0, 4096, kCmdFlagFua), context), 0u);
   EXPECT_EQ(validate_request(make(kCmdFlush, 0, 0), context), 0u);
   EXPECT_EQ(validate_request(make(kCmdTrim, 0, 1u << 20), context), 0u);
-  EXPECT_EQ(validate_request(
-                make(kCmdWriteZeroes, 0, 1u << 20, kCmdFlagNoHole | kCmdFlagFastZero), context),
+  EXPECT_EQ(validate_request(make(kCmdWriteZeroes, 0, 1u << 20, kCmdFlagNoHole | kCmdFlagFastZero),
+                             context),
             0u);
   EXPECT_EQ(validate_request(make(kCmdCache, 0, 4096), context), 0u);
   EXPECT_EQ(validate_request(make(kCmdBlockStatus, 0, 1u << 20, kCmdFlagReqOne), context), 0u);

@@ -1,10 +1,9 @@
 // The NBD server over a socketpair: a raw client speaks the protocol byte by byte against a server
 // running on its own loop thread with a null-co node, so the tests see exactly what goes on the
 // wire (handshake replies, error values, disconnects).
+#include <gtest/gtest.h>
 #include <sys/socket.h>
 #include <unistd.h>
-
-#include <gtest/gtest.h>
 
 #include <cstring>
 #include <memory>
@@ -241,8 +240,8 @@ TEST_F(NbdServerTest, ListsExportsAndAnswersInfo) {
       EXPECT_EQ(load32(reply.data.data() + 10), kMaxPayload);
     }
   }
-  EXPECT_EQ(seen, (std::vector<uint16_t>{kInfoName, kInfoDescription, kInfoBlockSize,
-                                         kInfoExport}));
+  EXPECT_EQ(seen,
+            (std::vector<uint16_t>{kInfoName, kInfoDescription, kInfoBlockSize, kInfoExport}));
 
   send_option(kOptInfo, go_payload("nope"));
   EXPECT_EQ(recv_option_reply().type, kRepErrUnknown);
