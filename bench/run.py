@@ -337,8 +337,24 @@ def machine(fio: str) -> list[tuple[str, str]]:
         ("qemu-nbd", first_line(["qemu-nbd", "--version"])),
         ("nbdkit", first_line(["nbdkit", "--version"])),
         ("fio", first_line([fio, "--version"])),
-        ("blockd commit", first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])),
+        ("blockd build", blockd_build()),
     ]
+
+
+def blockd_build() -> str:
+    """Which blockd build the daemon runs: the installed module's time and the tree's commit."""
+    venv = Path(blockd_daemon()).parent.parent
+    modules = sorted(venv.glob("lib/python*/site-packages/blockd/_core*.so"))
+    installed = "unknown"
+    if modules:
+        mtime = datetime.datetime.fromtimestamp(modules[0].stat().st_mtime, datetime.timezone.utc)
+        installed = mtime.strftime("%Y-%m-%d %H:%M UTC")
+    commit = first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", ".",
+                            ":!bench"], capture_output=True, text=True).stdout.strip()
+    tree = f"commit {commit}" + (" plus uncommitted changes" if dirty else "")
+    return (f"module installed in {venv.name} at {installed} (RelWithDebInfo, pyproject's "
+            f"default); the repository was at {tree} when the run started")
 
 
 def fmt_count(value: float) -> str:
@@ -448,17 +464,18 @@ def report(runs: list[Run], servers: list[Server], workloads: list[Workload], ar
             vs_peer = blockd_iops / best
             ceiling = medians.get("blockd-null", (float("nan"),))[0]
             vs_null = blockd_iops / ceiling if ceiling == ceiling else float("nan")
+            vs_null_text = f"{100 * vs_null:.0f}%" if vs_null == vs_null else "–"
             target = min(1.2 * best, 0.95 * ceiling) if ceiling == ceiling else 1.2 * best
             min_peer_cpu = min(v[2] for v in peers.values())
             speed_ok = blockd_iops >= target
             cpu_ok = blockd_cpu < min_peer_cpu
             label = next(s.label for s in servers if s.key == best_key)
             out.append(f"blockd vs best peer ({label}): **{vs_peer:.2f}×**; vs its null-co "
-                       f"ceiling: **{100 * vs_null:.0f}%**; target {fmt_count(target)} IOPS: "
+                       f"ceiling: **{vs_null_text}**; target {fmt_count(target)} IOPS: "
                        f"{'met' if speed_ok else 'NOT met'}; CPU/IO {blockd_cpu:.1f} µs vs "
                        f"lowest peer {min_peer_cpu:.1f} µs: {'less' if cpu_ok else 'NOT less'}.\n")
             line += (f" {fmt_count(blockd_iops)} | {label} {fmt_count(best)} | {vs_peer:.2f}× | "
-                     f"{100 * vs_null:.0f}% | {'yes' if speed_ok else 'no'} | "
+                     f"{vs_null_text} | {'yes' if speed_ok else 'no'} | "
                      f"{blockd_cpu:.1f} vs {min_peer_cpu:.1f} | {'yes' if cpu_ok else 'no'} |")
         else:
             out.append("No comparison: blockd or every peer failed on this workload.\n")
@@ -472,6 +489,15 @@ def report(runs: list[Run], servers: list[Server], workloads: list[Workload], ar
     out.extend(summary)
     out.append("")
 
+    out.append("## Anomalies\n")
+    anomalies = [line for line in anomaly_lines(by_key, servers, workloads)]
+    out.extend(anomalies or ["None: blockd reached at least a quarter of the best peer everywhere."])
+    out.append("")
+
+    if args.notes:
+        out.append("## Notes from the person who ran it\n")
+        out.append(Path(args.notes).read_text().strip() + "\n")
+
     out.append("## Failures and warnings\n")
     if not failures:
         out.append("None: every run completed without errors.\n")
@@ -482,6 +508,25 @@ def report(runs: list[Run], servers: list[Server], workloads: list[Workload], ar
                        f"{r.error.replace(chr(10), ' ')}")
         out.append("")
     return "\n".join(out)
+
+
+def anomaly_lines(by_key: dict, servers: list[Server], workloads: list[Workload]) -> list[str]:
+    """Workloads where blockd is far (under 1/4) below the best peer: a defect, not noise."""
+    lines = []
+    for workload in workloads:
+        def med(key: str) -> float:
+            good = [r for r in by_key.get((workload.key, key), []) if r.ok]
+            return median([r.iops for r in good])
+        peers = [med(s.key) for s in servers if s.key in PEERS]
+        peers = [p for p in peers if p == p]
+        blockd = med("blockd")
+        if peers and blockd == blockd and blockd < max(peers) / 4:
+            good = [r for r in by_key.get((workload.key, "blockd"), []) if r.ok]
+            cpu = median([r.cpu_us_per_io for r in good])
+            lines.append(f"- {workload.label}: blockd reaches {fmt_count(blockd)} IOPS, "
+                         f"{blockd / max(peers):.3f}× the best peer, spending {cpu:.0f} µs of server "
+                         "CPU per I/O.")
+    return lines
 
 
 def main() -> int:
@@ -495,6 +540,7 @@ def main() -> int:
                         + ",".join(w.key for w in WORKLOADS))
     parser.add_argument("--output", default=str(REPO / "bench/RESULTS.md"),
                         help="report path (default bench/RESULTS.md)")
+    parser.add_argument("--notes", help="Markdown file appended to the report as notes")
     parser.add_argument("--raw", help="also write every run as JSON to this path")
     parser.add_argument("--image", default="/dev/shm/blockd-bench.img",
                         help="image path (default /dev/shm/blockd-bench.img, removed at the end)")
@@ -550,6 +596,10 @@ def main() -> int:
             image.unlink(missing_ok=True)
     finished = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     load_end = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    build_end = blockd_build().split(";")[0]
+    if build_end != dict(desc)["blockd build"].split(";")[0]:
+        desc.append(("WARNING", "blockd was reinstalled during the run (now "
+                     f"{build_end}): blockd's runs mix two builds"))
     text = report(runs, servers, workloads, args, command, started, finished, desc, load_end)
     Path(args.output).write_text(text + "\n")
     if args.raw:
