@@ -124,11 +124,26 @@ Task<bool> Connection::read_exact(void* buffer, size_t length) {
 }
 
 Task<bool> Connection::discard(uint64_t length) {
-  uint8_t scratch[16384];
   while (length > 0) {
-    const size_t chunk = std::min<uint64_t>(length, sizeof scratch);
-    if (!co_await read_exact(scratch, chunk)) co_return false;
-    length -= chunk;
+    const size_t buffered = receive_end_ - receive_start_;
+    if (buffered > 0) {
+      const size_t take = static_cast<size_t>(std::min<uint64_t>(buffered, length));
+      receive_start_ += take;
+      length -= take;
+      continue;
+    }
+    receive_start_ = receive_end_ = 0;
+    reader_idle();
+    if (!receive_buffer_) receive_buffer_.reset(new uint8_t[kReceiveBufferSize]);
+    // Never more than what is to be skipped: the next request may follow in the stream.
+    const size_t room = static_cast<size_t>(std::min<uint64_t>(length, kReceiveBufferSize));
+    const int got = co_await loop_.recv(fd_, receive_buffer_.get(), room, 0);
+    if (got <= 0) {
+      if (got == -EINTR || got == -EAGAIN) continue;
+      co_return false;
+    }
+    reader_busy_ = true;
+    length -= static_cast<uint64_t>(got);
   }
   co_return true;
 }
