@@ -597,15 +597,34 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
           bool zero;
         } runs[kMaxReadChunks];
         int run_count = 0;
-        if (!(request.flags & kCmdFlagDf) && length >= kSparseReadThreshold) {
+        // A range already known to hold data needs no query: a data answer never goes stale in a
+        // harmful way (a read returns the real bytes, zero or not), while a zero answer could.
+        const bool known_data =
+            offset >= c.known_data_start_ && offset + length <= c.known_data_end_;
+        if (!(request.flags & kCmdFlagDf) && length >= kSparseReadThreshold && !known_data) {
           uint64_t position = offset;
           const uint64_t end = offset + length;
+          const uint64_t export_size = static_cast<uint64_t>(backend.size());
           while (position < end && run_count < kMaxReadChunks) {
-            block::BlockStatus status = co_await backend.block_status(position, end - position);
+            // Ask about the whole rest of the export: finding where a data run ends costs the
+            // same (lseek walks to the next hole), and the answer serves the following reads.
+            block::BlockStatus status =
+                co_await backend.block_status(position, export_size - position);
             if (status.bytes <= 0) break;
             const uint64_t bytes =
                 std::min<uint64_t>(static_cast<uint64_t>(status.bytes), end - position);
             const bool zero = status.flags & block::kStatusZero;
+            if (!zero) {
+              const uint64_t run_end = position + static_cast<uint64_t>(status.bytes);
+              if (position <= c.known_data_end_ && run_end >= c.known_data_start_ &&
+                  c.known_data_end_ > c.known_data_start_) {
+                c.known_data_start_ = std::min(c.known_data_start_, position);
+                c.known_data_end_ = std::max(c.known_data_end_, run_end);
+              } else {
+                c.known_data_start_ = position;
+                c.known_data_end_ = run_end;
+              }
+            }
             if (run_count > 0 && runs[run_count - 1].zero == zero) {
               runs[run_count - 1].length += static_cast<uint32_t>(bytes);
             } else if (run_count == kMaxReadChunks - 1) {

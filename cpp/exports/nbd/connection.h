@@ -140,6 +140,10 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
   // Transmission state.
   BufferPool pool_;
+  // A range the node reported as data (not zero), so large reads inside it skip the sparseness
+  // query.
+  uint64_t known_data_start_ = 0;
+  uint64_t known_data_end_ = 0;
   uint32_t in_flight_ = 0;
   uint64_t buffered_bytes_ = 0;
   bool closing_ = false;
