@@ -16,13 +16,14 @@ import blockd
 from blockd.cli import OptionError, parse_argv, parse_chardev
 from blockd.qmp import QMPClient
 from blockd.testing import DaemonProcess, blockd_command
+from blockd.testing.process import blockd_env
 
 PROGRAM = "blockd-daemon"
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(blockd_command() + list(args), capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, env=blockd_env())
 
 
 def test_parse_argv() -> None:
@@ -270,5 +271,5 @@ def test_python_m_blockd_and_console_script() -> None:
     script = Path(sys.executable).parent / "blockd-daemon"
     if not script.exists():
         pytest.skip(f"console script not installed next to {sys.executable}")
-    result = subprocess.run([str(script), "-V"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([str(script), "-V"], capture_output=True, text=True, timeout=60, env=blockd_env())
     assert result.returncode == 0 and result.stdout.startswith(f"{PROGRAM} version")

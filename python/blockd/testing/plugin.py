@@ -37,6 +37,12 @@ __all__ = ["assert_event", "assert_no_event", "blockd_commands"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Under ./dev asan this process was started with the ASan runtime preloaded; the programs that
+    # tests start (qemu-img, nbdinfo, qemu-storage-daemon, ...) must not inherit it, and blockd's
+    # own Python processes get it back through blockd_env().
+    preload = os.environ.get("BLOCKD_ASAN_PRELOAD")
+    if preload and os.environ.get("LD_PRELOAD") == preload:
+        del os.environ["LD_PRELOAD"]
     config.addinivalue_line("markers", "requires_qsd: needs /usr/bin/qemu-storage-daemon")
     config.addinivalue_line(
         "markers", "requires_command(name, ...): skip unless blockd implements these QMP commands"

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..qmp.client import QMPClient
 
-__all__ = ["DaemonProcess", "DaemonFailed", "blockd_command", "tool_env", "QSD"]
+__all__ = ["DaemonProcess", "DaemonFailed", "blockd_command", "blockd_env", "tool_env", "QSD"]
 
 QSD = "/usr/bin/qemu-storage-daemon"
 
@@ -35,6 +35,20 @@ def tool_env(base: dict[str, str] | None = None) -> dict[str, str]:
     preload = env.get("BLOCKD_ASAN_PRELOAD")
     if preload and env.get("LD_PRELOAD", "").strip() == preload:
         del env["LD_PRELOAD"]
+    return env
+
+
+def blockd_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a blockd Python process (the daemon, a kernel importing blockd).
+
+    Under ``./dev asan`` the plugin takes ``LD_PRELOAD`` out of the test process's environment so
+    that tools started by tests do not inherit the ASan runtime; blockd's own processes get it
+    back here, since its extension module is instrumented.
+    """
+    env = dict(os.environ if base is None else base)
+    preload = env.get("BLOCKD_ASAN_PRELOAD")
+    if preload:
+        env["LD_PRELOAD"] = preload
     return env
 
 
@@ -84,8 +98,8 @@ class DaemonProcess:
             ]
         self.monitor = monitor
         self.start_timeout = start_timeout
-        if env is None and self.command[0] != sys.executable:
-            env = tool_env()
+        if env is None:
+            env = blockd_env() if self.command[0] == sys.executable else tool_env()
         self.env = env
         self.proc: subprocess.Popen[str] | None = None
         self.qmp: QMPClient | None = None
