@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include "../block/test_support.h"
+#include "test_support.h"
 #include "block/backend.h"
 
 namespace blockd::drivers {

@@ -5,7 +5,7 @@
 
 #include <vector>
 
-#include "../block/test_support.h"
+#include "test_support.h"
 #include "drivers/qemu_json.h"
 
 namespace blockd::drivers {

@@ -9,7 +9,7 @@
 #include <numeric>
 #include <vector>
 
-#include "../block/test_support.h"
+#include "test_support.h"
 #include "block/backend.h"
 #include "drivers/file.h"
 #include "drivers/null.h"

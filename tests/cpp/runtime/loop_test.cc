@@ -10,28 +10,13 @@
 #include <string>
 
 #include "runtime/frame_allocator.h"
+#include "test_support.h"
 
 namespace blockd {
 namespace {
 
-std::unique_ptr<Loop> make_loop() {
-  auto loop = Loop::create(64);
-  EXPECT_TRUE(loop.has_value());
-  return std::move(loop).value();
-}
-
-// Runs `task` on `loop` until it finishes and returns its result.
-template <typename T>
-T run(Loop& loop, Task<T> task) {
-  std::optional<T> result;
-  bool finished = false;
-  loop.spawn([](Task<T> inner, std::optional<T>& out, bool& done) -> Task<void> {
-    out = co_await std::move(inner);
-    done = true;
-  }(std::move(task), result, finished));
-  loop.run_until([&] { return finished; });
-  return *result;
-}
+using testing::make_loop;
+using testing::run;
 
 Task<int> add(int a, int b) { co_return a + b; }
 

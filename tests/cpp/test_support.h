@@ -1,4 +1,4 @@
-// Helpers shared by the block-layer and driver tests: a loop, running a task to completion on it,
+// Helpers shared by the GoogleTest suites: a loop, running a task to completion on it,
 // and temporary files.
 #pragma once
 
