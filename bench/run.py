@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = 1 << 30
@@ -44,8 +45,7 @@ PEERS = ("qsd", "qemu-nbd", "nbdkit", "nbdkit-t2")
 class Server:
     key: str
     label: str
-    # argv builder: (image path, socket path) -> argv
-    argv: object
+    argv: Callable[[str, str], list[str]]  # (image path, socket path) -> command line
     note: str
 
 
