@@ -22,8 +22,8 @@ namespace {
 py::object error_type;  // blockd._core.Error
 
 [[noreturn]] void raise_status(const Status& status) {
-  py::object error = error_type(std::string(blockd::error_class_name(status.error_class())),
-                                status.message());
+  py::object error =
+      error_type(std::string(blockd::error_class_name(status.error_class())), status.message());
   PyErr_SetObject(error_type.ptr(), error.ptr());
   throw py::error_already_set();
 }

@@ -64,7 +64,8 @@ Task<int64_t> BlockBackend::discard(uint64_t offset, uint64_t length) noexcept {
   co_return co_await root_->discard(offset, length);
 }
 
-Task<int64_t> BlockBackend::write_zeroes(uint64_t offset, uint64_t length, uint32_t flags) noexcept {
+Task<int64_t> BlockBackend::write_zeroes(uint64_t offset, uint64_t length,
+                                         uint32_t flags) noexcept {
   if (int ret = check_range(offset, length)) co_return ret;
   InFlight guard(*this);
   int64_t ret = co_await root_->write_zeroes(offset, length, flags);

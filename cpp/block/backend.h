@@ -37,7 +37,8 @@ class BlockBackend final : public User {
   // Data path. Requests beyond the end of the node fail with -EINVAL (reads, writes, zeroes) as in
   // QEMU's blk_check_byte_request; requests on a detached backend fail with -ENOMEDIUM.
   Task<int64_t> read(uint64_t offset, uint64_t length, void* buffer, uint32_t flags) noexcept;
-  Task<int64_t> write(uint64_t offset, uint64_t length, const void* buffer, uint32_t flags) noexcept;
+  Task<int64_t> write(uint64_t offset, uint64_t length, const void* buffer,
+                      uint32_t flags) noexcept;
   Task<int64_t> flush() noexcept;
   Task<int64_t> discard(uint64_t offset, uint64_t length) noexcept;
   Task<int64_t> write_zeroes(uint64_t offset, uint64_t length, uint32_t flags) noexcept;

@@ -37,9 +37,7 @@ Child::~Child() {
 
 std::string Child::user_description() const { return "node '" + parent_->node_name() + "'"; }
 
-Node::Node(NodeOptions options) : options_(std::move(options)) {
-  loop_ = Loop::current();
-}
+Node::Node(NodeOptions options) : options_(std::move(options)) { loop_ = Loop::current(); }
 
 Node::~Node() {
   // Children go first so that each releases its permissions on the node below while this node is
@@ -93,7 +91,7 @@ Task<int64_t> Node::cache(uint64_t, uint64_t) noexcept { co_return 0; }
 
 struct Node::Change {
   Node* node;
-  User* user;          // the use whose permissions change
+  User* user;  // the use whose permissions change
   uint32_t permissions;
   uint32_t shared;
   uint32_t node_permissions;  // the node's combined needs after the change

@@ -2,12 +2,12 @@
 //
 // A Node is an opened driver instance (a file, a raw or qcow2 format layer, a null device, ...). It
 // may have children (edges to the nodes it reads from, e.g. a raw node's "file") and is used by
-// parents: other nodes' Child edges and BlockBackends. Every use declares which permissions it takes
-// on the node and which it lets others take; Node enforces that no two uses conflict.
+// parents: other nodes' Child edges and BlockBackends. Every use declares which permissions it
+// takes on the node and which it lets others take; Node enforces that no two uses conflict.
 //
-// Threads: the graph (creating nodes, attaching and detaching uses, permissions) changes only on the
-// main loop. A node's I/O methods run on the loop that owns the node (its AioContext in QEMU terms),
-// which is the main loop unless the node was moved to an iothread.
+// Threads: the graph (creating nodes, attaching and detaching uses, permissions) changes only on
+// the main loop. A node's I/O methods run on the loop that owns the node (its AioContext in QEMU
+// terms), which is the main loop unless the node was moved to an iothread.
 //
 // Data-path methods are noexcept coroutines returning 0 or a positive count on success and a
 // negative errno on failure; they never throw and never allocate per request.
@@ -15,11 +15,10 @@
 
 #include <cstdint>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "runtime/loop.h"
 #include "runtime/status.h"
@@ -42,8 +41,8 @@ std::string permission_names(uint32_t mask);
 
 // Request flags for the data path.
 enum RequestFlag : uint32_t {
-  kRequestFua = 1u << 0,       // write: durable before the request completes
-  kRequestMayUnmap = 1u << 1,  // write_zeroes: may deallocate instead of writing zeroes
+  kRequestFua = 1u << 0,         // write: durable before the request completes
+  kRequestMayUnmap = 1u << 1,    // write_zeroes: may deallocate instead of writing zeroes
   kRequestNoFallback = 1u << 2,  // write_zeroes: fail with -ENOTSUP rather than write slowly
 };
 
@@ -204,8 +203,7 @@ class Node {
                       std::vector<Change>& plan);
   void apply_plan(std::vector<Change>& plan);
   void combined_permissions(const User* replace, uint32_t replace_permissions,
-                            uint32_t replace_shared, uint32_t& permissions,
-                            uint32_t& shared) const;
+                            uint32_t replace_shared, uint32_t& permissions, uint32_t& shared) const;
 
   std::vector<std::unique_ptr<Child>> children_;
   std::vector<User*> users_;

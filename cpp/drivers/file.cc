@@ -199,11 +199,12 @@ Status FileNode::init() {
 
   struct stat st;
   if (fstat(fd_, &st) != 0) {
-    return Status::generic("Could not open '" + file_options_.filename + "': " + errno_text(-errno));
+    return Status::generic("Could not open '" + file_options_.filename +
+                           "': " + errno_text(-errno));
   }
   if (S_ISDIR(st.st_mode)) {
-    return Status::generic("Could not open '" + file_options_.filename + "': " +
-                           errno_text(-EISDIR));
+    return Status::generic("Could not open '" + file_options_.filename +
+                           "': " + errno_text(-EISDIR));
   }
   const off_t length = lseek(fd_, 0, SEEK_END);
   if (length < 0) {
@@ -226,7 +227,8 @@ Status FileNode::init() {
     const int probe = test_lock_byte(fd_, kPermLockBase);
     const bool supported = probe == 0 || probe == -EAGAIN;
     if (!supported && file_options_.locking == FileOptions::Locking::kOn) {
-      return Status::generic("Locking was requested but the file system does not support OFD locks");
+      return Status::generic(
+          "Locking was requested but the file system does not support OFD locks");
     }
     use_lock_ = supported;
   }

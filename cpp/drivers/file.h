@@ -61,8 +61,8 @@ struct FileOptions {
 
 // Opens `options.filename` as a file node whose I/O runs on `loop`. Main loop.
 //
-// `common` supplies node-name, read-only (O_RDONLY), auto-read-only (fall back to read-only when the
-// file cannot be opened for writing: EACCES, EROFS, EPERM), cache.direct (O_DIRECT),
+// `common` supplies node-name, read-only (O_RDONLY), auto-read-only (fall back to read-only when
+// the file cannot be opened for writing: EACCES, EROFS, EPERM), cache.direct (O_DIRECT),
 // cache.no-flush (flush and FUA become no-ops) and discard ("unmap" lets discard punch holes and
 // write_zeroes unmap; "ignore" makes discard a no-op).
 //

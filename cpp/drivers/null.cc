@@ -61,8 +61,9 @@ class NullNode final : public block::Node {
     const int64_t end = std::min<int64_t>(size(), static_cast<int64_t>(offset + length));
     const int64_t bytes = std::max<int64_t>(end - static_cast<int64_t>(offset), 0);
     // As QEMU: with read-zeroes the device reads as zeroes; without, nothing is allocated.
-    const uint32_t flags =
-        options_null_.read_zeroes.value_or(false) ? (block::kStatusZero | block::kStatusAllocated) : 0;
+    const uint32_t flags = options_null_.read_zeroes.value_or(false)
+                               ? (block::kStatusZero | block::kStatusAllocated)
+                               : 0;
     co_return block::BlockStatus{bytes, flags};
   }
 

@@ -21,10 +21,10 @@ namespace blockd::drivers {
 // Options of QEMU's BlockdevOptionsNull. Unset optionals were not given by the user; they take the
 // defaults below and are left out of the node's "json:" file name, as in QEMU.
 struct NullOptions {
-  std::optional<int64_t> size;         // bytes; default 1 GiB; rounded up to 512 for the node size
-  int64_t latency_ns = 0;              // delay before each request completes; default 0
-  std::optional<bool> read_zeroes;     // default false (affects block_status only, see above)
-  bool aio = false;                    // false: driver "null-co"; true: driver "null-aio"
+  std::optional<int64_t> size;      // bytes; default 1 GiB; rounded up to 512 for the node size
+  int64_t latency_ns = 0;           // delay before each request completes; default 0
+  std::optional<bool> read_zeroes;  // default false (affects block_status only, see above)
+  bool aio = false;                 // false: driver "null-co"; true: driver "null-aio"
 };
 
 // Opens a null node on `loop` (the loop that will run its I/O). Main loop.

@@ -54,14 +54,29 @@ void append_string(std::string& out, const std::string& text) {
   for (size_t i = 0; i < text.size();) {
     int32_t code = next_code_point(text, i);
     switch (code) {
-      case '"': out += "\\\""; continue;
-      case '\\': out += "\\\\"; continue;
-      case '\b': out += "\\b"; continue;
-      case '\f': out += "\\f"; continue;
-      case '\n': out += "\\n"; continue;
-      case '\r': out += "\\r"; continue;
-      case '\t': out += "\\t"; continue;
-      default: break;
+      case '"':
+        out += "\\\"";
+        continue;
+      case '\\':
+        out += "\\\\";
+        continue;
+      case '\b':
+        out += "\\b";
+        continue;
+      case '\f':
+        out += "\\f";
+        continue;
+      case '\n':
+        out += "\\n";
+        continue;
+      case '\r':
+        out += "\\r";
+        continue;
+      case '\t':
+        out += "\\t";
+        continue;
+      default:
+        break;
     }
     if (code < 0) code = 0xFFFD;
     if (code > 0xFFFF) {
@@ -130,6 +145,8 @@ std::string qemu_json_text(const nlohmann::json& value) {
   return out;
 }
 
-std::string json_filename(const nlohmann::json& options) { return "json:" + qemu_json_text(options); }
+std::string json_filename(const nlohmann::json& options) {
+  return "json:" + qemu_json_text(options);
+}
 
 }  // namespace blockd::drivers

@@ -1,14 +1,13 @@
 // "json:{...}" file names with QEMU's exact text.
 //
 // QEMU reports the file name of a node whose options cannot be expressed as a plain path as
-// "json:" followed by its options, printed from a QDict. A QDict prints its keys in hash-bucket order
-// (not insertion or alphabetical order) and separates items with ", " and ": ". Management tools
-// compare these strings, so blockd reproduces the order and the spacing.
+// "json:" followed by its options, printed from a QDict. A QDict prints its keys in hash-bucket
+// order (not insertion or alphabetical order) and separates items with ", " and ": ". Management
+// tools compare these strings, so blockd reproduces the order and the spacing.
 #pragma once
 
-#include <string>
-
 #include <nlohmann/json.hpp>
+#include <string>
 
 namespace blockd::drivers {
 

@@ -141,7 +141,8 @@ Status RawNode::init() {
 
 Expected<std::shared_ptr<block::Node>> open_raw_node(block::NodeOptions common,
                                                      const RawOptions& options,
-                                                     std::shared_ptr<block::Node> file, Loop& loop) {
+                                                     std::shared_ptr<block::Node> file,
+                                                     Loop& loop) {
   auto node = std::make_shared<RawNode>(std::move(common), options);
   node->set_loop(loop);
   auto child = node->add_child("file", std::move(file));

@@ -24,8 +24,8 @@ struct RawOptions {
   std::optional<uint64_t> size;    // length of the window; default: to the end of the child
 };
 
-// Opens a raw node over `file` (already opened or looked up by the caller) whose I/O runs on `loop`.
-// The node adds a "file" child edge that keeps `file` alive. Main loop.
+// Opens a raw node over `file` (already opened or looked up by the caller) whose I/O runs on
+// `loop`. The node adds a "file" child edge that keeps `file` alive. Main loop.
 //
 // Errors (GenericError), as QEMU:
 //   "Offset (O) cannot be greater than size of the containing file (S)"

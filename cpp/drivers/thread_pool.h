@@ -17,13 +17,14 @@
 
 namespace blockd::drivers {
 
-// One blocking call. `run` executes on a worker thread and returns a byte count or a negative errno.
+// One blocking call. `run` executes on a worker thread and returns a byte count or a negative
+// errno.
 struct ThreadPoolJob {
   int64_t (*run)(ThreadPoolJob* self) = nullptr;
-  Loop* loop = nullptr;             // where the waiter resumes
-  std::coroutine_handle<> waiter;   // resumed on `loop` with `result` set
+  Loop* loop = nullptr;            // where the waiter resumes
+  std::coroutine_handle<> waiter;  // resumed on `loop` with `result` set
   int64_t result = 0;
-  ThreadPoolJob* next = nullptr;    // queue link, owned by the pool while queued
+  ThreadPoolJob* next = nullptr;  // queue link, owned by the pool while queued
 };
 
 class ThreadPool {
@@ -56,8 +57,8 @@ class ThreadPool {
 };
 
 // `co_await RunInThread<F>{loop, f}` runs `f()` (returning int64_t, noexcept) on a pool worker and
-// yields its result on the awaiting coroutine's loop thread. The awaiter (and so `f`'s captures) lives
-// in the coroutine frame.
+// yields its result on the awaiting coroutine's loop thread. The awaiter (and so `f`'s captures)
+// lives in the coroutine frame.
 template <typename F>
 struct RunInThread : ThreadPoolJob {
   F function;
@@ -65,7 +66,9 @@ struct RunInThread : ThreadPoolJob {
   bool await_ready() const noexcept { return false; }
   void await_suspend(std::coroutine_handle<> handle) noexcept {
     this->waiter = handle;
-    this->run = [](ThreadPoolJob* self) -> int64_t { return static_cast<RunInThread*>(self)->function(); };
+    this->run = [](ThreadPoolJob* self) -> int64_t {
+      return static_cast<RunInThread*>(self)->function();
+    };
     ThreadPool::shared().submit(this);
   }
   int64_t await_resume() const noexcept { return this->result; }

@@ -1,7 +1,8 @@
 // Context: the engine state that QMP handlers work on.
 //
 // One Context per Engine. It lives on the main loop thread, and every handler runs there, so its
-// members need no locking; other threads reach it only through Engine, which posts to the main loop.
+// members need no locking; other threads reach it only through Engine, which posts to the main
+// loop.
 #pragma once
 
 #include <atomic>

@@ -11,10 +11,9 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
-
-#include <nlohmann/json.hpp>
 
 #include "qmp/context.h"
 #include "qmp/event_bus.h"

@@ -24,8 +24,7 @@ void EventBus::emit(std::string_view name, nlohmann::json data) {
       {"event", name},
   };
   if (!data.is_null()) event["data"] = std::move(data);
-  const std::string line =
-      event.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  const std::string line = event.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   std::lock_guard lock(mutex_);
   for (auto& [handle, subscriber] : subscribers_) subscriber(line);
 }

@@ -4,7 +4,8 @@
 // stream tracks strings and nesting to find where each top-level value ends, and enforces limits so
 // that hostile input cannot make the daemon allocate without bound: nesting deeper than 1024 levels
 // or a value larger than 16 MiB is reported as an error and the rest of it skipped, up to the end
-// of the value or the next line break, whichever comes first; then the stream carries on. Parsing the JSON text of each value is left to the caller.
+// of the value or the next line break, whichever comes first; then the stream carries on. Parsing
+// the JSON text of each value is left to the caller.
 #pragma once
 
 #include <cstddef>
@@ -20,7 +21,7 @@ class JsonStream {
   static constexpr size_t kMaxValueBytes = 16u << 20;
 
   struct Item {
-    bool ok;            // true: `text` is one complete JSON value; false: `text` is an error message
+    bool ok;  // true: `text` is one complete JSON value; false: `text` is an error message
     std::string text;
   };
 
@@ -39,8 +40,8 @@ class JsonStream {
   bool in_value_ = false;
   bool in_string_ = false;
   bool escaped_ = false;
-  bool scalar_ = false;     // a top-level bare token (number, keyword)
-  bool skipping_ = false;   // discarding the rest of a value that broke a limit
+  bool scalar_ = false;    // a top-level bare token (number, keyword)
+  bool skipping_ = false;  // discarding the rest of a value that broke a limit
 };
 
 }  // namespace blockd::qmp

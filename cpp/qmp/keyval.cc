@@ -44,7 +44,8 @@ Status insert(Tree& root, const std::vector<std::string>& path, std::string valu
       child.is_leaf = true;
       child.value = std::move(value);
     } else {
-      if (child.is_leaf) return Status::generic("Parameters '" + prefix + ".*' used inconsistently");
+      if (child.is_leaf)
+        return Status::generic("Parameters '" + prefix + ".*' used inconsistently");
       node = &child;
     }
   }
@@ -52,8 +53,9 @@ Status insert(Tree& root, const std::vector<std::string>& path, std::string valu
 }
 
 bool is_index(const std::string& key) {
-  return !key.empty() && std::all_of(key.begin(), key.end(),
-                                     [](char c) { return std::isdigit(static_cast<unsigned char>(c)); });
+  return !key.empty() && std::all_of(key.begin(), key.end(), [](char c) {
+    return std::isdigit(static_cast<unsigned char>(c));
+  });
 }
 
 Expected<nlohmann::json> to_json(const Tree& tree, const std::string& prefix) {

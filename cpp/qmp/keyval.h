@@ -8,10 +8,9 @@
 // to the schema's type is the job of the QAPI visitor's keyval mode.
 #pragma once
 
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string_view>
-
-#include <nlohmann/json.hpp>
 
 #include "runtime/status.h"
 

@@ -43,14 +43,14 @@ std::string Monitor::handle(const std::string& text) {
   auto request = parse_request(text);
   if (!request) return to_line(error_reply(request.status()));
   const nlohmann::json& value = *request;
-  const bool is_capabilities = value.is_object() && value.contains("execute") &&
-                               value["execute"] == "qmp_capabilities";
+  const bool is_capabilities =
+      value.is_object() && value.contains("execute") && value["execute"] == "qmp_capabilities";
   if (!negotiated_) {
     if (value.is_object() && value.contains("execute") && value["execute"].is_string() &&
         !is_capabilities) {
-      nlohmann::json reply = error_reply(
-          Status::error(ErrorClass::kCommandNotFound,
-                        "Expecting capabilities negotiation with 'qmp_capabilities'"));
+      nlohmann::json reply =
+          error_reply(Status::error(ErrorClass::kCommandNotFound,
+                                    "Expecting capabilities negotiation with 'qmp_capabilities'"));
       if (auto id = value.find("id"); id != value.end()) reply["id"] = *id;
       return to_line(reply);
     }
@@ -69,8 +69,9 @@ std::string Monitor::handle(const std::string& text) {
       return to_line(reply);
     }
   } else if (is_capabilities) {
-    nlohmann::json reply = error_reply(Status::error(
-        ErrorClass::kCommandNotFound, "Capabilities negotiation is already complete, command ignored"));
+    nlohmann::json reply =
+        error_reply(Status::error(ErrorClass::kCommandNotFound,
+                                  "Capabilities negotiation is already complete, command ignored"));
     if (auto id = value.find("id"); id != value.end()) reply["id"] = *id;
     return to_line(reply);
   }
@@ -102,16 +103,16 @@ nlohmann::json Monitor::negotiate(const nlohmann::json& request) {
           status = Status::generic("Invalid parameter type for 'enable', expected: array");
         } else if (!value.empty()) {
           const auto& first = value.front();
-          status = first.is_string()
-                       ? Status::generic("Capability '" + first.get<std::string>() +
-                                         "' not available")
-                       : Status::generic("Invalid parameter type for 'enable[0]', expected: string");
+          status =
+              first.is_string()
+                  ? Status::generic("Capability '" + first.get<std::string>() + "' not available")
+                  : Status::generic("Invalid parameter type for 'enable[0]', expected: string");
         }
       }
     }
   }
-  nlohmann::json reply = status ? nlohmann::json{{"return", nlohmann::json::object()}}
-                                : error_reply(status);
+  nlohmann::json reply =
+      status ? nlohmann::json{{"return", nlohmann::json::object()}} : error_reply(status);
   if (auto id = request.find("id"); id != request.end()) reply["id"] = *id;
   return reply;
 }

@@ -1,10 +1,11 @@
 // A recycling allocator for coroutine frames.
 //
-// Every I/O request is a chain of Task coroutines, and a coroutine frame is normally heap-allocated.
-// To keep the data path free of malloc, frames are carved from per-thread free lists of fixed size
-// classes: after warm-up, starting a request reuses frames freed by earlier requests. A frame may be
-// freed on a different thread than the one that allocated it; it then simply joins that thread's
-// list. Each list is touched only by its own thread, so no locking is needed.
+// Every I/O request is a chain of Task coroutines, and a coroutine frame is normally
+// heap-allocated. To keep the data path free of malloc, frames are carved from per-thread free
+// lists of fixed size classes: after warm-up, starting a request reuses frames freed by earlier
+// requests. A frame may be freed on a different thread than the one that allocated it; it then
+// simply joins that thread's list. Each list is touched only by its own thread, so no locking is
+// needed.
 #pragma once
 
 #include <cstddef>

@@ -112,8 +112,8 @@ void Loop::iterate(bool may_block) {
     std::lock_guard lock(posted_mutex_);
     has_posted = !posted_.empty();
   }
-  const bool block = may_block && !ran_posted && !has_posted &&
-                     !stop_requested_.load(std::memory_order_relaxed);
+  const bool block =
+      may_block && !ran_posted && !has_posted && !stop_requested_.load(std::memory_order_relaxed);
   int ret = block ? io_uring_submit_and_wait(&ring_, 1) : io_uring_submit(&ring_);
   (void)ret;  // -EINTR and -EBUSY are retried by the next iteration
   pending_submissions_ = 0;

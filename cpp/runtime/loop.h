@@ -5,8 +5,8 @@
 // keeps its completion record inside the awaiting coroutine's frame, so an operation costs no heap
 // allocation.
 //
-// Other threads reach a loop only through post() (and the helpers built on it), which is safe from any
-// thread.
+// Other threads reach a loop only through post() (and the helpers built on it), which is safe from
+// any thread.
 #pragma once
 
 #include <liburing.h>
@@ -130,12 +130,10 @@ class Loop {
     return submit([=](io_uring_sqe* sqe) { io_uring_prep_read(sqe, fd, buffer, length, offset); });
   }
   auto write(int fd, const void* buffer, unsigned length, uint64_t offset) {
-    return submit(
-        [=](io_uring_sqe* sqe) { io_uring_prep_write(sqe, fd, buffer, length, offset); });
+    return submit([=](io_uring_sqe* sqe) { io_uring_prep_write(sqe, fd, buffer, length, offset); });
   }
   auto readv(int fd, const iovec* vectors, unsigned count, uint64_t offset) {
-    return submit(
-        [=](io_uring_sqe* sqe) { io_uring_prep_readv(sqe, fd, vectors, count, offset); });
+    return submit([=](io_uring_sqe* sqe) { io_uring_prep_readv(sqe, fd, vectors, count, offset); });
   }
   auto writev(int fd, const iovec* vectors, unsigned count, uint64_t offset) {
     return submit(

@@ -1,8 +1,8 @@
 // Control-path error values.
 //
 // Status carries a QMP error class and a human-readable message; Expected<T> is either a value or a
-// Status. They are used on the control path (QMP handlers, option parsing, opening images). The data
-// path returns plain negative errno values instead and never allocates for an error.
+// Status. They are used on the control path (QMP handlers, option parsing, opening images). The
+// data path returns plain negative errno values instead and never allocates for an error.
 #pragma once
 
 #include <cassert>
@@ -61,7 +61,7 @@ class [[nodiscard]] Status {
 template <typename T>
 class [[nodiscard]] Expected {
  public:
-  Expected(T value) : state_(std::in_place_index<0>, std::move(value)) {}  // NOLINT: implicit
+  Expected(T value) : state_(std::in_place_index<0>, std::move(value)) {}        // NOLINT: implicit
   Expected(Status status) : state_(std::in_place_index<1>, std::move(status)) {  // NOLINT
     assert(!std::get<1>(state_).is_ok() && "Expected built from an ok Status");
   }
@@ -85,9 +85,9 @@ class [[nodiscard]] Expected {
 };
 
 // Returns early from the enclosing function with the error if `expr` (a Status) failed.
-#define BLOCKD_RETURN_IF_ERROR(expr)        \
-  do {                                      \
-    ::blockd::Status blockd_status_ = (expr); \
+#define BLOCKD_RETURN_IF_ERROR(expr)            \
+  do {                                          \
+    ::blockd::Status blockd_status_ = (expr);   \
     if (!blockd_status_) return blockd_status_; \
   } while (0)
 

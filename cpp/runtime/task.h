@@ -1,9 +1,9 @@
 // Task<T>: the coroutine type of every asynchronous operation in blockd.
 //
 // A Task is lazy: creating it runs nothing. `co_await task` starts it and resumes the awaiting
-// coroutine (by symmetric transfer, so deep chains do not grow the stack) once it finishes. A Task is
-// owned by whoever holds it; destroying an unstarted or finished Task frees its frame. Frames come from
-// runtime::allocate_frame, so steady-state I/O does not call malloc.
+// coroutine (by symmetric transfer, so deep chains do not grow the stack) once it finishes. A Task
+// is owned by whoever holds it; destroying an unstarted or finished Task frees its frame. Frames
+// come from runtime::allocate_frame, so steady-state I/O does not call malloc.
 //
 // Tasks do not throw on the data path: T is normally an int64_t (negative errno on failure) or a
 // Status/Expected on the control path. An exception escaping a Task terminates the process.

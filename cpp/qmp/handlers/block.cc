@@ -115,8 +115,8 @@ Expected<std::shared_ptr<Node>> open_node(qmp::Context& context, const BlockdevO
       }
       if (file.aio_max_batch) driver_options.aio_max_batch = *file.aio_max_batch;
       if (file.drop_cache) driver_options.drop_cache = *file.drop_cache;
-      node = drivers::open_file_node(std::move(common).value(), driver_options,
-                                     context.main_loop());
+      node =
+          drivers::open_file_node(std::move(common).value(), driver_options, context.main_loop());
       break;
     }
     case BlockdevDriver::kRaw: {
@@ -136,8 +136,8 @@ Expected<std::shared_ptr<Node>> open_node(qmp::Context& context, const BlockdevO
       if (null.size) driver_options.size = *null.size;
       if (null.latency_ns) driver_options.latency_ns = *null.latency_ns;
       driver_options.read_zeroes = null.read_zeroes;
-      node = drivers::open_null_node(std::move(common).value(), driver_options,
-                                     context.main_loop());
+      node =
+          drivers::open_null_node(std::move(common).value(), driver_options, context.main_loop());
       break;
     }
     default:

@@ -31,9 +31,7 @@ Expected<std::vector<CommandInfo>> qmp_query_commands(qmp::Context&) {
   return commands;
 }
 
-Expected<nlohmann::json> qmp_query_qmp_schema(qmp::Context&) {
-  return qmp_schema_introspection();
-}
+Expected<nlohmann::json> qmp_query_qmp_schema(qmp::Context&) { return qmp_schema_introspection(); }
 
 Status qmp_quit(qmp::Context& context) {
   context.request_shutdown();

@@ -29,9 +29,9 @@ Status add_iothread(qmp::Context& context, const std::string& id,
   }
   auto thread = LoopThread::start("IO " + id);
   if (!thread) return thread.status();
-  context.objects().emplace(id, std::make_unique<qmp::IoThread>(std::move(thread).value(),
-                                                                poll_max_ns, poll_grow,
-                                                                poll_shrink, aio_max_batch));
+  context.objects().emplace(
+      id, std::make_unique<qmp::IoThread>(std::move(thread).value(), poll_max_ns, poll_grow,
+                                          poll_shrink, aio_max_batch));
   return Status::ok();
 }
 

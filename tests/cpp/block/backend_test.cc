@@ -85,8 +85,8 @@ TEST_F(BackendTest, WritethroughFlushesAfterEveryWrite) {
   // A FUA write is already durable: no extra flush.
   EXPECT_EQ(run(*loop_, backend.write(0, sizeof data, data, kRequestFua)), 0);
   EXPECT_EQ(run(*loop_, backend.read(0, sizeof data, data, 0)), 0);
-  EXPECT_EQ(node->log, (std::vector<std::string>{"write", "flush", "write", "flush", "write+fua",
-                                                 "read"}));
+  EXPECT_EQ(node->log,
+            (std::vector<std::string>{"write", "flush", "write", "flush", "write+fua", "read"}));
 }
 
 TEST_F(BackendTest, DrainWaitsForRequestsInFlight) {

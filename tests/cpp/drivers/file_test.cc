@@ -17,8 +17,8 @@
 #include <string>
 #include <vector>
 
-#include "test_support.h"
 #include "block/backend.h"
+#include "test_support.h"
 
 namespace blockd::drivers {
 namespace {
@@ -30,9 +30,12 @@ constexpr uint32_t kReadWrite = block::kPermConsistentRead | block::kPermWrite;
 
 std::string aio_name(FileOptions::Aio aio) {
   switch (aio) {
-    case FileOptions::Aio::kThreads: return "threads";
-    case FileOptions::Aio::kNative: return "native";
-    case FileOptions::Aio::kIoUring: return "io_uring";
+    case FileOptions::Aio::kThreads:
+      return "threads";
+    case FileOptions::Aio::kNative:
+      return "native";
+    case FileOptions::Aio::kIoUring:
+      return "io_uring";
   }
   return "?";
 }
@@ -173,7 +176,8 @@ TEST_P(FileTest, OpenErrors) {
   EXPECT_EQ(directory.status().message(), "Could not open '" + dir_.path() + "': Is a directory");
   auto directory_ro = open_node({.read_only = true}, {.filename = dir_.path()});
   ASSERT_FALSE(directory_ro.has_value());
-  EXPECT_EQ(directory_ro.status().message(), "Could not open '" + dir_.path() + "': Is a directory");
+  EXPECT_EQ(directory_ro.status().message(),
+            "Could not open '" + dir_.path() + "': Is a directory");
 
   auto unnamed = open_file_node({}, {}, *loop_);
   ASSERT_FALSE(unnamed.has_value());
@@ -234,7 +238,9 @@ void random_io(Loop& loop, block::Node& file, std::vector<char>& model, uint32_t
     char* buffer = storage.data() + random() % 64;
     if (random() % 2) {
       for (uint64_t k = 0; k < length; ++k) buffer[k] = static_cast<char>(random());
-      ASSERT_EQ(run(loop, file.write(offset, length, buffer, (random() % 4 == 0) ? uint32_t{block::kRequestFua} : 0u)), 0);
+      ASSERT_EQ(run(loop, file.write(offset, length, buffer,
+                                     (random() % 4 == 0) ? uint32_t{block::kRequestFua} : 0u)),
+                0);
       std::memcpy(model.data() + offset, buffer, length);
     } else {
       ASSERT_EQ(run(loop, file.read(offset, length, buffer, 0)), 0);
@@ -357,9 +363,9 @@ TEST_P(FileTest, WriteZeroes) {
   EXPECT_LE(blocks(), before - 262144 / 512);
   std::fill(model_.begin() + 262144, model_.begin() + 524288, 0);
   // No fallback and FUA: ext4 zeroes natively.
-  EXPECT_EQ(run(*loop_, file->write_zeroes(600000, 5000,
-                                           block::kRequestNoFallback | block::kRequestFua)),
-            0);
+  EXPECT_EQ(
+      run(*loop_, file->write_zeroes(600000, 5000, block::kRequestNoFallback | block::kRequestFua)),
+      0);
   std::fill(model_.begin() + 600000, model_.begin() + 605000, 0);
   EXPECT_EQ(on_disk_all(), model_);
 
@@ -456,9 +462,9 @@ TEST_P(FileTest, LocksUseQemuByteOffsets) {
   EXPECT_FALSE(locked(102));  // write unchanged not held
   EXPECT_TRUE(locked(103));   // resize held
   EXPECT_FALSE(locked(200));
-  EXPECT_TRUE(locked(201));   // write not shared
+  EXPECT_TRUE(locked(201));  // write not shared
   EXPECT_FALSE(locked(202));
-  EXPECT_TRUE(locked(203));   // resize not shared
+  EXPECT_TRUE(locked(203));  // resize not shared
   EXPECT_FALSE(locked(0));
   user.detach();
   for (off_t byte : {100, 101, 103, 201, 203}) EXPECT_FALSE(locked(byte)) << byte;
@@ -550,8 +556,9 @@ TEST_P(FileTest, LocksAgainstQemuIo) {
   ASSERT_TRUE(writer.attach(file, kReadWrite, block::kPermAll & ~block::kPermWrite));
   auto [code, output] = shell("qemu-io -f raw -c 'read 0 512' " + path_);
   EXPECT_NE(code, 0);
-  EXPECT_THAT(output, HasSubstr("Failed to get \"write\" lock\nIs another process using the image [" +
-                                path_ + "]?"));
+  EXPECT_THAT(output,
+              HasSubstr("Failed to get \"write\" lock\nIs another process using the image [" +
+                        path_ + "]?"));
   // Read-only with force-share (-U) is always allowed.
   std::tie(code, output) = shell("qemu-io -r -U -f raw -c 'read 0 512' " + path_);
   EXPECT_EQ(code, 0) << output;

@@ -5,8 +5,8 @@
 
 #include <vector>
 
-#include "test_support.h"
 #include "drivers/qemu_json.h"
+#include "test_support.h"
 
 namespace blockd::drivers {
 namespace {

@@ -9,10 +9,10 @@
 #include <numeric>
 #include <vector>
 
-#include "test_support.h"
 #include "block/backend.h"
 #include "drivers/file.h"
 #include "drivers/null.h"
+#include "test_support.h"
 
 namespace blockd::drivers {
 namespace {
@@ -66,8 +66,9 @@ TEST_F(RawTest, PlainRawPassesThrough) {
   EXPECT_EQ((*node)->driver_name(), "raw");
   EXPECT_EQ((*node)->size(), 1 << 20);
   EXPECT_EQ((*node)->filename(), path_);
-  EXPECT_EQ((*node)->open_options(),
-            nlohmann::json({{"driver", "raw"}, {"file", {{"driver", "file"}, {"filename", path_}}}}));
+  EXPECT_EQ(
+      (*node)->open_options(),
+      nlohmann::json({{"driver", "raw"}, {"file", {{"driver", "file"}, {"filename", path_}}}}));
 
   std::vector<char> buffer(8192);
   EXPECT_EQ(run(*loop_, (*node)->read(4096, buffer.size(), buffer.data(), 0)), 0);
@@ -82,17 +83,18 @@ TEST_F(RawTest, OffsetAndSizeWindow) {
   auto node = raw({.offset = 4096, .size = 65536});
   ASSERT_TRUE(node.has_value()) << node.status().message();
   EXPECT_EQ((*node)->size(), 65536);
-  EXPECT_EQ((*node)->filename(), "json:{\"offset\": 4096, \"driver\": \"raw\", \"size\": 65536, "
-                                 "\"file\": {\"driver\": \"file\", \"filename\": \"" +
-                                     path_ + "\"}}");
+  EXPECT_EQ((*node)->filename(),
+            "json:{\"offset\": 4096, \"driver\": \"raw\", \"size\": 65536, "
+            "\"file\": {\"driver\": \"file\", \"filename\": \"" +
+                path_ + "\"}}");
   std::vector<char> buffer(512);
   EXPECT_EQ(run(*loop_, (*node)->read(0, buffer.size(), buffer.data(), 0)), 0);
   EXPECT_EQ(buffer, std::vector<char>(image_.begin() + 4096, image_.begin() + 4096 + 512));
   std::vector<char> data(512, 'z');
   EXPECT_EQ(run(*loop_, (*node)->write(65536 - 512, 512, data.data(), 0)), 0);
   EXPECT_EQ(pread_file(4096 + 65536 - 512, 512), data);
-  EXPECT_EQ(pread_file(4096 + 65536, 16), std::vector<char>(image_.begin() + 4096 + 65536,
-                                                            image_.begin() + 4096 + 65536 + 16));
+  EXPECT_EQ(pread_file(4096 + 65536, 16),
+            std::vector<char>(image_.begin() + 4096 + 65536, image_.begin() + 4096 + 65536 + 16));
   // The window is enforced by the node itself.
   EXPECT_EQ(run(*loop_, (*node)->write(65536 - 256, 512, data.data(), 0)), -EINVAL);
   EXPECT_EQ(run(*loop_, (*node)->read(65536, 1, buffer.data(), 0)), -EINVAL);
@@ -101,9 +103,10 @@ TEST_F(RawTest, OffsetAndSizeWindow) {
 TEST_F(RawTest, ExplicitZeroOffsetUsesJsonName) {
   auto node = raw({.offset = 0});
   ASSERT_TRUE(node.has_value());
-  EXPECT_EQ((*node)->filename(), "json:{\"offset\": 0, \"driver\": \"raw\", \"file\": {\"driver\": "
-                                 "\"file\", \"filename\": \"" +
-                                     path_ + "\"}}");
+  EXPECT_EQ((*node)->filename(),
+            "json:{\"offset\": 0, \"driver\": \"raw\", \"file\": {\"driver\": "
+            "\"file\", \"filename\": \"" +
+                path_ + "\"}}");
 }
 
 TEST_F(RawTest, UnalignedOffsetRoundsSizeUpAndReadsZeroesPastTheEnd) {
@@ -161,8 +164,8 @@ TEST_F(RawTest, DiscardAndZeroesHonourTheDiscardOption) {
   // discard=unmap on both raw and file: the hole is punched, at the raw offset.
   FileOptions file_options;
   file_options.filename = path_;
-  auto unmapping_file =
-      open_file_node(block::NodeOptions{.node_name = "f1", .discard = "unmap"}, file_options, *loop_);
+  auto unmapping_file = open_file_node(block::NodeOptions{.node_name = "f1", .discard = "unmap"},
+                                       file_options, *loop_);
   ASSERT_TRUE(unmapping_file.has_value());
   auto unmapping = open_raw_node(block::NodeOptions{.node_name = "r1", .discard = "unmap"},
                                  {.offset = 65536}, *unmapping_file, *loop_);
@@ -202,8 +205,8 @@ TEST_F(RawTest, BackendWriteOnRawTakesWriteOnFile) {
   auto node = raw({}, file);
   ASSERT_TRUE(node.has_value());
   block::BlockBackend backend("block export 'exp0'");
-  ASSERT_TRUE(backend.attach(*node, block::kPermConsistentRead | block::kPermWrite,
-                             block::kPermAll));
+  ASSERT_TRUE(
+      backend.attach(*node, block::kPermConsistentRead | block::kPermWrite, block::kPermAll));
   ASSERT_EQ(file->users().size(), 1u);
   EXPECT_TRUE(file->users()[0]->permissions() & block::kPermWrite);
   std::vector<char> data(4096, 'q');

@@ -41,10 +41,10 @@ TEST(EngineTest, ParseErrorsInQemuWords) {
 
 TEST(EngineTest, ShutdownWithNodesFlushesAndFreesEverything) {
   auto engine = make_engine();
-  auto reply = run(*engine, {{"execute", "blockdev-add"},
-                             {"arguments", {{"driver", "raw"},
-                                            {"node-name", "r0"},
-                                            {"file", {{"driver", "null-co"}}}}}});
+  auto reply = run(
+      *engine,
+      {{"execute", "blockdev-add"},
+       {"arguments", {{"driver", "raw"}, {"node-name", "r0"}, {"file", {{"driver", "null-co"}}}}}});
   EXPECT_TRUE(reply.contains("return")) << reply.dump();
   engine->shutdown();
   reply = run(*engine, {{"execute", "query-version"}});

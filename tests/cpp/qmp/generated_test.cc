@@ -36,16 +36,17 @@ TEST(GeneratedVisit, MissingMember) {
   EXPECT_EQ(error_of<BlockdevOptions>(json{{"node-name", "a"}}), "Parameter 'driver' is missing");
   EXPECT_EQ(error_of<BlockdevOptions>(json{{"driver", "raw"}, {"file", {{"driver", "file"}}}}),
             "Parameter 'file.filename' is missing");
-  EXPECT_EQ(error_of<NbdServerStartArgs>(
-                json{{"addr", {{"type", "inet"}, {"data", {{"host", "x"}}}}}}),
-            "Parameter 'addr.data.port' is missing");
+  EXPECT_EQ(
+      error_of<NbdServerStartArgs>(json{{"addr", {{"type", "inet"}, {"data", {{"host", "x"}}}}}}),
+      "Parameter 'addr.data.port' is missing");
 }
 
 TEST(GeneratedVisit, UnexpectedMember) {
-  EXPECT_EQ(error_of<BlockdevOptions>(json{{"driver", "null-co"}, {"node-name", "a"}, {"bogus", 1}}),
-            "Parameter 'bogus' is unexpected");
-  EXPECT_EQ(error_of<BlockdevOptions>(json{{"driver", "raw"},
-                                           {"file", {{"driver", "file"}, {"filename", "x"}, {"zz", 1}}}}),
+  EXPECT_EQ(
+      error_of<BlockdevOptions>(json{{"driver", "null-co"}, {"node-name", "a"}, {"bogus", 1}}),
+      "Parameter 'bogus' is unexpected");
+  EXPECT_EQ(error_of<BlockdevOptions>(json{
+                {"driver", "raw"}, {"file", {{"driver", "file"}, {"filename", "x"}, {"zz", 1}}}}),
             "Parameter 'file.zz' is unexpected");
   // Members of another branch are unexpected too.
   EXPECT_EQ(error_of<BlockdevOptions>(json{{"driver", "null-co"}, {"filename", "x"}}),
@@ -76,17 +77,19 @@ TEST(GeneratedVisit, WrongType) {
 }
 
 TEST(GeneratedVisit, NestedPaths) {
-  EXPECT_EQ(error_of<BlockdevOptions>(
-                json{{"driver", "raw"},
-                     {"file", {{"driver", "raw"}, {"file", {{"driver", "file"}, {"filename", 5}}}}}}),
+  EXPECT_EQ(error_of<BlockdevOptions>(json{
+                {"driver", "raw"},
+                {"file", {{"driver", "raw"}, {"file", {{"driver", "file"}, {"filename", 5}}}}}}),
             "Invalid parameter type for 'file.file.filename', expected: string");
-  EXPECT_EQ(error_of<BlockdevOptions>(json{{"driver", "quorum"},
-                                           {"vote-threshold", 1},
-                                           {"children", json::array({"x", {{"driver", "file"}, {"filename", 1}}})}}),
+  EXPECT_EQ(error_of<BlockdevOptions>(
+                json{{"driver", "quorum"},
+                     {"vote-threshold", 1},
+                     {"children", json::array({"x", {{"driver", "file"}, {"filename", 1}}})}}),
             "Invalid parameter type for 'children[1].filename', expected: string");
-  EXPECT_EQ(error_of<BlockdevOptions>(json{{"driver", "blkdebug"},
-                                           {"image", "x"},
-                                           {"inject-error", json::array({{{"event", "l2_load"}, {"x", 1}}})}}),
+  EXPECT_EQ(error_of<BlockdevOptions>(
+                json{{"driver", "blkdebug"},
+                     {"image", "x"},
+                     {"inject-error", json::array({{{"event", "l2_load"}, {"x", 1}}})}}),
             "Parameter 'inject-error[0].x' is unexpected");
   EXPECT_EQ(error_of<BlockdevOptions>(json{{"driver", "qcow2"},
                                            {"file", "x"},
@@ -97,14 +100,15 @@ TEST(GeneratedVisit, NestedPaths) {
 TEST(GeneratedVisit, BadEnumValueNamesOnlyTheMember) {
   EXPECT_EQ(error_of<BlockdevOptions>(json{{"driver", "bogus"}}),
             "Parameter 'driver' does not accept value 'bogus'");
-  EXPECT_EQ(error_of<BlockdevOptions>(json{
-                {"driver", "raw"}, {"file", {{"driver", "file"}, {"filename", "x"}, {"aio", "bad"}}}}),
-            "Parameter 'aio' does not accept value 'bad'");
+  EXPECT_EQ(
+      error_of<BlockdevOptions>(json{
+          {"driver", "raw"}, {"file", {{"driver", "file"}, {"filename", "x"}, {"aio", "bad"}}}}),
+      "Parameter 'aio' does not accept value 'bad'");
   // List elements have no name: QEMU says 'null'.
-  EXPECT_EQ(error_of<BlockdevOptions>(json{{"driver", "blkdebug"},
-                                           {"image", "x"},
-                                           {"take-child-perms", json::array({"bogus"})}}),
-            "Parameter 'null' does not accept value 'bogus'");
+  EXPECT_EQ(
+      error_of<BlockdevOptions>(json{
+          {"driver", "blkdebug"}, {"image", "x"}, {"take-child-perms", json::array({"bogus"})}}),
+      "Parameter 'null' does not accept value 'bogus'");
 }
 
 TEST(GeneratedVisit, IntegerRanges) {
@@ -118,12 +122,13 @@ TEST(GeneratedVisit, IntegerRanges) {
   json far = addr;
   far["data"]["to"] = 70000;
   EXPECT_EQ(error_of<NbdServerStartArgs>(json{{"addr", far}}), "Parameter 'to' expects uint16_t");
-  EXPECT_EQ(error_of<BlockdevOptions>(json{{"driver", "blkdebug"}, {"image", "x"},
-                                           {"max-transfer", int64_t{1} << 40}}),
+  EXPECT_EQ(error_of<BlockdevOptions>(
+                json{{"driver", "blkdebug"}, {"image", "x"}, {"max-transfer", int64_t{1} << 40}}),
             "Parameter 'max-transfer' expects int32_t");
   // Negative values wrap for uint64, as in QEMU.
   BlockdevOptions opts;
-  ASSERT_TRUE(from_json(json{{"driver", "null-co"}, {"latency-ns", -1}}, opts, InputMode::kQmp, ""));
+  ASSERT_TRUE(
+      from_json(json{{"driver", "null-co"}, {"latency-ns", -1}}, opts, InputMode::kQmp, ""));
   EXPECT_EQ(opts.u.null_co->latency_ns, UINT64_MAX);
 }
 
@@ -170,7 +175,9 @@ TEST(GeneratedVisit, AlternateSelection) {
   ASSERT_EQ(bitmaps.size(), 2u);
   EXPECT_EQ(std::get<std::string>(bitmaps[0]), "b1");
   EXPECT_EQ(std::get<BlockDirtyBitmap>(bitmaps[1]).node, "n2");
-  EXPECT_EQ(error_of<BlockExportOptions>(json{{"type", "nbd"}, {"id", "e"}, {"node-name", "n"},
+  EXPECT_EQ(error_of<BlockExportOptions>(json{{"type", "nbd"},
+                                              {"id", "e"},
+                                              {"node-name", "n"},
                                               {"bitmaps", json::array({{{"node", "a"}}})}}),
             "Parameter 'bitmaps[0].name' is missing");
 }
@@ -213,10 +220,13 @@ TEST(GeneratedVisit, KeyvalConversions) {
   EXPECT_EQ(opts.u.null_co->latency_ns, UINT64_MAX);
   EXPECT_EQ(opts.cache->direct, true);
 
-  auto keyval_error = [](const json& in) { return error_of<BlockdevOptions>(in, InputMode::kKeyval); };
+  auto keyval_error = [](const json& in) {
+    return error_of<BlockdevOptions>(in, InputMode::kKeyval);
+  };
   EXPECT_EQ(keyval_error(json{{"driver", "null-co"}, {"latency-ns", "x"}}),
             "Parameter 'latency-ns' expects integer");
-  EXPECT_EQ(keyval_error(json{{"driver", "null-co"}, {"size", ""}}), "Parameter 'size' expects integer");
+  EXPECT_EQ(keyval_error(json{{"driver", "null-co"}, {"size", ""}}),
+            "Parameter 'size' expects integer");
   EXPECT_EQ(keyval_error(json{{"driver", "null-co"}, {"read-only", "maybe"}}),
             "Parameter 'read-only' expects 'on' or 'off'");
   EXPECT_EQ(keyval_error(json{{"driver", "null-co"}, {"cache", {{"direct", "x"}}}}),
@@ -229,14 +239,16 @@ TEST(GeneratedVisit, KeyvalConversions) {
                               {"vote-threshold", "1"},
                               {"children", json::array({{{"driver", "file"}}})}}),
             "Parameter 'children.0.filename' is missing");
-  EXPECT_EQ(keyval_error(json{{"driver", "blkdebug"},
-                              {"image", "x"},
-                              {"inject-error", json::array({{{"event", "l2_load"}, {"state", "zz"}}})}}),
-            "Parameter 'inject-error.0.state' expects integer");
+  EXPECT_EQ(
+      keyval_error(json{{"driver", "blkdebug"},
+                        {"image", "x"},
+                        {"inject-error", json::array({{{"event", "l2_load"}, {"state", "zz"}}})}}),
+      "Parameter 'inject-error.0.state' expects integer");
 
   NbdServerOptions nbd;
   json addr = {{"type", "inet"}, {"host", "x"}, {"port", "1"}};
-  EXPECT_EQ(error_of<NbdServerOptions>(json{{"addr", addr}, {"max-connections", "-1"}}, InputMode::kKeyval),
+  EXPECT_EQ(error_of<NbdServerOptions>(json{{"addr", addr}, {"max-connections", "-1"}},
+                                       InputMode::kKeyval),
             "Parameter 'max-connections' expects uint32_t");
   json far = addr;
   far["to"] = "70000";
@@ -298,9 +310,10 @@ TEST(GeneratedVisit, KeyvalAlternateTakesStrings) {
                         InputMode::kKeyval, ""));
   const BlockdevRef::Base& file = opts.u.qcow2->file;
   EXPECT_EQ(std::get<std::string>(file), "disk");
-  EXPECT_EQ(error_of<BlockdevOptions>(json{{"driver", "qcow2"}, {"file", "x"}, {"overlap-check", "bad"}},
-                                      InputMode::kKeyval),
-            "Parameter 'overlap-check' does not accept value 'bad'");
+  EXPECT_EQ(
+      error_of<BlockdevOptions>(json{{"driver", "qcow2"}, {"file", "x"}, {"overlap-check", "bad"}},
+                                InputMode::kKeyval),
+      "Parameter 'overlap-check' does not accept value 'bad'");
 }
 
 TEST(GeneratedVisit, RoundTrip) {
@@ -309,9 +322,10 @@ TEST(GeneratedVisit, RoundTrip) {
              {"discard", "unmap"},
              {"cache", {{"direct", true}}},
              {"file", {{"driver", "file"}, {"filename", "/img"}, {"aio", "io_uring"}}},
-             {"backing", {{"driver", "quorum"},
-                          {"vote-threshold", 2},
-                          {"children", json::array({"a", "b", {{"driver", "null-co"}, {"size", 4096}}})}}},
+             {"backing",
+              {{"driver", "quorum"},
+               {"vote-threshold", 2},
+               {"children", json::array({"a", "b", {{"driver", "null-co"}, {"size", 4096}}})}}},
              {"overlap-check", {{"template", "all"}, {"main-header", false}}},
              {"encrypt", {{"format", "luks"}, {"key-secret", "sec0"}}},
              {"l2-cache-size", 1048576}};
@@ -330,18 +344,26 @@ TEST(GeneratedVisit, RoundTrip) {
                {"backing_file_depth", 0},
                {"encrypted", false},
                {"detect_zeroes", "off"},
-               {"bps", 0}, {"bps_rd", 0}, {"bps_wr", 0}, {"iops", 0}, {"iops_rd", 0}, {"iops_wr", 0},
-               {"image", {{"filename", "/img"},
-                          {"format", "qcow2"},
-                          {"virtual-size", 1073741824},
-                          {"backing-image", {{"filename", "/base"}, {"format", "raw"}, {"virtual-size", 1}}},
-                          {"format-specific", {{"type", "qcow2"},
-                                               {"data", {{"compat", "1.1"},
-                                                         {"refcount-bits", 16},
-                                                         {"compression-type", "zlib"},
-                                                         {"bitmaps", json::array({{{"name", "b"},
-                                                                                   {"granularity", 65536},
-                                                                                   {"flags", json::array({"auto"})}}})}}}}}}},
+               {"bps", 0},
+               {"bps_rd", 0},
+               {"bps_wr", 0},
+               {"iops", 0},
+               {"iops_rd", 0},
+               {"iops_wr", 0},
+               {"image",
+                {{"filename", "/img"},
+                 {"format", "qcow2"},
+                 {"virtual-size", 1073741824},
+                 {"backing-image", {{"filename", "/base"}, {"format", "raw"}, {"virtual-size", 1}}},
+                 {"format-specific",
+                  {{"type", "qcow2"},
+                   {"data",
+                    {{"compat", "1.1"},
+                     {"refcount-bits", 16},
+                     {"compression-type", "zlib"},
+                     {"bitmaps", json::array({{{"name", "b"},
+                                               {"granularity", 65536},
+                                               {"flags", json::array({"auto"})}}})}}}}}}},
                {"cache", {{"writeback", true}, {"direct", false}, {"no-flush", false}}},
                {"write_threshold", 0}};
   BlockDeviceInfo bdi;
@@ -355,11 +377,13 @@ TEST(GeneratedVisit, OutputOmitsAbsentOptionals) {
   info.id = "e";
   info.type = BlockExportType::kFuse;
   info.node_name = "n";
-  EXPECT_EQ(to_json(info), (json{{"id", "e"}, {"type", "fuse"}, {"node-name", "n"}, {"shutting-down", false}}));
+  EXPECT_EQ(to_json(info),
+            (json{{"id", "e"}, {"type", "fuse"}, {"node-name", "n"}, {"shutting-down", false}}));
   QuorumReportBadEvent ev;
   ev.type = QuorumOpType::kFlush;
   ev.node_name = "n";
-  EXPECT_EQ(to_json(ev), (json{{"type", "flush"}, {"node-name", "n"}, {"sector-num", 0}, {"sectors-count", 0}}));
+  EXPECT_EQ(to_json(ev),
+            (json{{"type", "flush"}, {"node-name", "n"}, {"sector-num", 0}, {"sectors-count", 0}}));
 }
 
 TEST(GeneratedIntrospection, Shape) {

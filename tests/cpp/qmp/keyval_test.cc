@@ -18,9 +18,9 @@ std::string parse_error(std::string_view text, std::optional<std::string_view> i
 }
 
 TEST(KeyvalTest, FlatAndDotted) {
-  EXPECT_EQ(parse_ok("driver=file,filename=a.img,cache.direct=on"),
-            nlohmann::json::parse(
-                R"({"driver":"file","filename":"a.img","cache":{"direct":"on"}})"));
+  EXPECT_EQ(
+      parse_ok("driver=file,filename=a.img,cache.direct=on"),
+      nlohmann::json::parse(R"({"driver":"file","filename":"a.img","cache":{"direct":"on"}})"));
 }
 
 TEST(KeyvalTest, EmptyInputIsEmptyObject) { EXPECT_EQ(parse_ok(""), nlohmann::json::object()); }
