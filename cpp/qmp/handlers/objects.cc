@@ -51,7 +51,8 @@ Status qmp_object_add(qmp::Context& context, const ObjectOptions& options) {
 Status qmp_object_del(qmp::Context& context, const ObjectDelArgs& args) {
   auto it = context.objects().find(args.id);
   if (it == context.objects().end()) return Status::generic("object '" + args.id + "' not found");
-  // TODO(iothread users): refuse while a node or export runs in the iothread, once nodes can move.
+  // Nothing runs in an iothread yet (nodes and exports stay on the main loop), so deleting one
+  // cannot strand a user; this must refuse busy iothreads once nodes can move to them.
   context.objects().erase(it);
   return Status::ok();
 }
