@@ -177,6 +177,12 @@ class FileNode final : public block::Node {
 
   FileOptions file_options_;
   int fd_;
+  // The last data extent SEEK_DATA/SEEK_HOLE found, [start, end); empty when equal. On tmpfs and
+  // some other file systems SEEK_HOLE walks the file's whole page cache, so asking again for
+  // every read of a sequential stream costs milliseconds; the extent answers those queries.
+  // Writes only add data and leave it valid; punching or zeroing ranges forgets it.
+  uint64_t data_extent_start_ = 0;
+  uint64_t data_extent_end_ = 0;
   bool use_threads_ = false;
   bool use_lock_ = false;
   bool dsync_supported_ = true;
@@ -414,6 +420,7 @@ Task<int64_t> FileNode::sync() noexcept {
 }
 
 Task<int64_t> FileNode::fallocate_retry(int mode, uint64_t offset, uint64_t length) noexcept {
+  data_extent_start_ = data_extent_end_ = 0;
   for (;;) {
     const int64_t ret = co_await once(Op::kFallocate, nullptr, length, offset, mode);
     if (ret != -EINTR) co_return ret < 0 ? ret : 0;
@@ -611,6 +618,9 @@ Task<BlockStatus> FileNode::block_status(uint64_t offset, uint64_t length) noexc
   const uint64_t end = std::min(size, offset + length);
   const uint32_t kData = block::kStatusData | block::kStatusAllocated;
   const uint32_t kZero = block::kStatusZero | block::kStatusAllocated;
+  if (offset >= data_extent_start_ && offset < data_extent_end_) {
+    co_return BlockStatus{static_cast<int64_t>(std::min(end, data_extent_end_) - offset), kData};
+  }
   // lseek on the loop thread, as QEMU does: it does not wait for the disk.
   const off_t data = lseek(fd_, static_cast<off_t>(offset), SEEK_DATA);
   if (data < 0) {
@@ -622,11 +632,14 @@ Task<BlockStatus> FileNode::block_status(uint64_t offset, uint64_t length) noexc
     co_return BlockStatus{static_cast<int64_t>(std::min<uint64_t>(data, end) - offset), kZero};
   }
   const off_t hole = lseek(fd_, static_cast<off_t>(offset), SEEK_HOLE);
-  uint64_t run_end = end;
-  if (hole > static_cast<off_t>(offset)) run_end = std::min<uint64_t>(hole, end);
   // A data run ends unaligned only at the end of the file; never report a partial block.
-  run_end = std::min(align_up(run_end), size);
-  co_return BlockStatus{static_cast<int64_t>(run_end - offset), kData};
+  if (hole <= static_cast<off_t>(offset)) {
+    co_return BlockStatus{static_cast<int64_t>(end - offset), kData};  // cannot tell: all data
+  }
+  const uint64_t extent_end = std::min(align_up(static_cast<uint64_t>(hole)), size);
+  data_extent_start_ = offset;
+  data_extent_end_ = extent_end;
+  co_return BlockStatus{static_cast<int64_t>(std::min(extent_end, end) - offset), kData};
 }
 
 }  // namespace

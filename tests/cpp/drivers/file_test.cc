@@ -406,6 +406,27 @@ TEST_P(FileTest, BlockStatusOverASparseFile) {
   EXPECT_EQ(status.flags, kZero);
 }
 
+TEST_P(FileTest, BlockStatusSeesHolesPunchedAfterAQuery) {
+  // The node remembers the last data extent it found; punching a hole must not leave it stale.
+  create(1 << 20);
+  auto file = node({.discard = "unmap"});
+  const uint32_t kZero = block::kStatusZero | block::kStatusAllocated;
+  const uint32_t kData = block::kStatusData | block::kStatusAllocated;
+  auto status = run(*loop_, file->block_status(0, 4096));
+  EXPECT_EQ(status.bytes, 4096);
+  EXPECT_EQ(status.flags, kData);
+  // Answered from the remembered extent: the rest of the fully written file is data.
+  status = run(*loop_, file->block_status(4096, 1 << 20));
+  EXPECT_EQ(status.bytes, (1 << 20) - 4096);
+  EXPECT_EQ(status.flags, kData);
+  ASSERT_EQ(run(*loop_, file->discard(65536, 65536)), 0);
+  status = run(*loop_, file->block_status(65536, 4096));
+  EXPECT_EQ(status.flags, kZero);
+  status = run(*loop_, file->block_status(0, 1 << 20));
+  EXPECT_EQ(status.bytes, 65536);
+  EXPECT_EQ(status.flags, kData);
+}
+
 // ---- Image locks.
 
 TEST_P(FileTest, TwoNodesOnOneImageConflictAsInQemu) {
