@@ -220,7 +220,6 @@ class Loop {
   std::atomic<bool> stop_requested_{false};
   std::mutex posted_mutex_;
   std::vector<std::function<void()>> posted_;
-  std::vector<std::function<void()>> running_posted_;
 };
 
 // A thread running its own Loop until destroyed (used for the main loop and for iothreads).
