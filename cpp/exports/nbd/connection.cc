@@ -566,6 +566,14 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
     simple_reply(scratch, 0, request.cookie);
     reply.add(scratch, kSimpleReplySize);
   };
+  // The reply for a command whose whole result is one block-layer return value.
+  auto reply_status = [&](int64_t ret) {
+    if (ret < 0) {
+      fail(errno_to_nbd(static_cast<int>(ret)));
+    } else {
+      ok();
+    }
+  };
 
   if (error != 0) {
     fail(error);
@@ -681,30 +689,18 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
         const int64_t ret = request.length ? co_await backend.write(request.offset, request.length,
                                                                     buffer.data(), flags)
                                            : 0;
-        if (ret < 0) {
-          fail(errno_to_nbd(static_cast<int>(ret)));
-        } else {
-          ok();
-        }
+        reply_status(ret);
         break;
       }
       case kCmdFlush: {
         const int64_t ret = co_await backend.flush();
-        if (ret < 0) {
-          fail(errno_to_nbd(static_cast<int>(ret)));
-        } else {
-          ok();
-        }
+        reply_status(ret);
         break;
       }
       case kCmdTrim: {
         int64_t ret = request.length ? co_await backend.discard(request.offset, request.length) : 0;
         if (ret >= 0 && (request.flags & kCmdFlagFua)) ret = co_await backend.flush();
-        if (ret < 0) {
-          fail(errno_to_nbd(static_cast<int>(ret)));
-        } else {
-          ok();
-        }
+        reply_status(ret);
         break;
       }
       case kCmdWriteZeroes: {
@@ -715,21 +711,13 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
         const int64_t ret =
             request.length ? co_await backend.write_zeroes(request.offset, request.length, flags)
                            : 0;
-        if (ret < 0) {
-          fail(errno_to_nbd(static_cast<int>(ret)));
-        } else {
-          ok();
-        }
+        reply_status(ret);
         break;
       }
       case kCmdCache: {
         const int64_t ret =
             request.length ? co_await backend.cache(request.offset, request.length) : 0;
-        if (ret < 0) {
-          fail(errno_to_nbd(static_cast<int>(ret)));
-        } else {
-          ok();
-        }
+        reply_status(ret);
         break;
       }
       case kCmdBlockStatus: {
