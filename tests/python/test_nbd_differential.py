@@ -9,27 +9,16 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-try:
-    import blockd._core as core
-except ImportError as error:  # pragma: no cover - depends on the installation
-    pytest.skip(f"blockd._core is not importable ({error}); install the package with 'pip install .'",
-                allow_module_level=True)
+from blockd.testing.clients import import_core, import_libnbd
 
-try:
-    import nbd
-except ImportError:
-    sys.path.append("/usr/lib/python3/dist-packages")
-    try:
-        import nbd
-    except ImportError:
-        nbd = None
+core = import_core()
+nbd = import_libnbd()
 
 QSD = "/usr/bin/qemu-storage-daemon"
 pytestmark = [

@@ -12,28 +12,15 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-try:
-    import blockd._core as core
-except ImportError as error:  # pragma: no cover - depends on the installation
-    pytest.skip(f"blockd._core is not importable ({error}); install the package with 'pip install .'",
-                allow_module_level=True)
+from blockd.testing.clients import import_core, import_libnbd
 
-try:
-    import nbd
-except ImportError:
-    # Debian's python3-libnbd installs for the system interpreter; its module is ABI-compatible
-    # with any CPython of the same minor version.
-    sys.path.append("/usr/lib/python3/dist-packages")
-    try:
-        import nbd
-    except ImportError:
-        nbd = None
+core = import_core()
+nbd = import_libnbd()
 
 needs_libnbd = pytest.mark.skipif(nbd is None, reason="python3-libnbd (module nbd) is not installed")
 needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img missing (qemu-utils)")

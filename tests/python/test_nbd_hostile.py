@@ -7,40 +7,27 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import struct
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-try:
-    import blockd._core as core
-except ImportError as error:  # pragma: no cover - depends on the installation
-    pytest.skip(f"blockd._core is not importable ({error}); install the package with 'pip install .'",
-                allow_module_level=True)
+from blockd.testing import nbd_wire
 
-try:
-    import nbd
-except ImportError:
-    sys.path.append("/usr/lib/python3/dist-packages")
-    try:
-        import nbd
-    except ImportError:
-        nbd = None
+from blockd.testing.clients import import_core, import_libnbd
+
+core = import_core()
+nbd = import_libnbd()
 
 needs_libnbd = pytest.mark.skipif(nbd is None, reason="python3-libnbd (module nbd) is not installed")
 
-NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
-REPLY_MAGIC = 0x3E889045565A9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-OPT_GO, OPT_LIST, OPT_STRUCTURED_REPLY = 7, 3, 8
-REP_ACK, REP_ERR_TOO_BIG, REP_ERR_INVALID = 1, 0x80000009, 0x80000003
-CMD_READ, CMD_WRITE = 0, 1
-EINVAL = 22
+OPT_GO, OPT_LIST, OPT_STRUCTURED_REPLY = nbd_wire.OPT_GO, nbd_wire.OPT_LIST, nbd_wire.OPT_STRUCTURED_REPLY
+REP_ERR_TOO_BIG, REP_ERR_INVALID = nbd_wire.REP_ERR_TOO_BIG, nbd_wire.REP_ERR_INVALID
+CMD_READ, CMD_WRITE = nbd_wire.CMD_READ, nbd_wire.CMD_WRITE
+EINVAL = nbd_wire.EINVAL
+# The hand-driven client (compact headers, simple replies unless a test negotiates more).
+Raw = nbd_wire.WireClient
 
 
 def qmp(engine: Any, command: str, **arguments: Any) -> Any:
@@ -59,63 +46,6 @@ def server(tmp_path: Path) -> Iterator[str]:
     qmp(engine, "block-export-add", type="nbd", id="e", node_name="n0", writable=True)
     yield sock
     engine.shutdown()
-
-
-class Raw:
-    """A hand-driven NBD client."""
-
-    def __init__(self, sock: str) -> None:
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.settimeout(10)
-        self.s.connect(sock)
-
-    def recv(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = self.s.recv(n - len(data))
-            if not chunk:
-                break
-            data += chunk
-        return data
-
-    def greet(self) -> None:
-        magic, opt, flags = struct.unpack(">QQH", self.recv(18))
-        assert (magic, opt, flags) == (NBDMAGIC, IHAVEOPT, 3)
-        self.s.sendall(struct.pack(">I", 3))
-
-    def option(self, option: int, data: bytes = b"", declared: int | None = None) -> None:
-        length = len(data) if declared is None else declared
-        self.s.sendall(struct.pack(">QII", IHAVEOPT, option, length) + data)
-
-    def reply(self) -> tuple[int, int, bytes]:
-        magic, option, rtype, length = struct.unpack(">QIII", self.recv(20))
-        assert magic == REPLY_MAGIC
-        return option, rtype, self.recv(length)
-
-    def go(self, name: bytes = b"n0") -> None:
-        self.option(OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
-        while True:
-            _, rtype, _ = self.reply()
-            if rtype == REP_ACK:
-                return
-            assert rtype == 3  # NBD_REP_INFO
-
-    def request(self, cmd: int, offset: int, length: int, cookie: int, payload: bytes = b"") -> None:
-        self.s.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, cmd, cookie, offset, length) + payload)
-
-    def simple_reply(self) -> tuple[int, int]:
-        magic, error, cookie = struct.unpack(">IIQ", self.recv(16))
-        assert magic == SIMPLE_REPLY_MAGIC
-        return error, cookie
-
-    def at_eof(self) -> bool:
-        try:
-            return self.s.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-    def close(self) -> None:
-        self.s.close()
 
 
 def healthy(sock: str) -> None:
