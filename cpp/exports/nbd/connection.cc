@@ -260,13 +260,15 @@ Task<bool> Connection::handshake() {
 
     switch (option) {
       case kOptExportName: {
-        if (length > kMaxStringLength) co_return false;
+        // A client that negotiated extended headers must use NBD_OPT_GO; this option has no way
+        // to refuse politely.
+        if (length > kMaxStringLength || reply_mode_ == ReplyMode::kExtended) co_return false;
         std::string name(payload.begin(), payload.end());
         NbdExport* found = server_.find_export(name);
         if (found == nullptr) co_return false;
         attach(found);
         if (meta_context_export_ != name) base_allocation_ = false;
-        flags_ = transmission_flags(export_->writable(), structured_replies_,
+        flags_ = transmission_flags(export_->writable(), reply_mode_ != ReplyMode::kSimple,
                                     server_.options().max_connections != 1);
         uint8_t reply[10 + 124] = {};
         store64(reply, static_cast<uint64_t>(export_->backend().size()));
@@ -351,8 +353,14 @@ Task<bool> Connection::handshake() {
             want_block_size ? std::max<uint32_t>(1, found->backend().root()->request_alignment())
                             : 1;
         const uint64_t size = static_cast<uint64_t>(found->backend().size());
-        const uint16_t flags = transmission_flags(found->writable(), structured_replies_,
-                                                  server_.options().max_connections != 1);
+        uint16_t flags = transmission_flags(found->writable(), reply_mode_ != ReplyMode::kSimple,
+                                            server_.options().max_connections != 1);
+        // The payload form of block status is offered once it can be used: extended headers
+        // and a metadata context selected for this export.
+        if (reply_mode_ == ReplyMode::kExtended && base_allocation_ &&
+            meta_context_export_ == request->name) {
+          flags |= kFlagBlockStatusPayload;
+        }
         if (option == kOptGo) attach(found);
         if (want_name && !co_await send_info(option, kInfoName, as_bytes(name))) co_return false;
         if (want_description && !description.empty() &&
@@ -378,16 +386,25 @@ Task<bool> Connection::handshake() {
       }
 
       case kOptStructuredReply:
+      case kOptExtendedHeaders: {
+        const bool extended = option == kOptExtendedHeaders;
+        uint32_t refusal = 0;
+        std::string why;
         if (length != 0) {
-          if (!co_await send_option_error(option, kRepErrInvalid,
-                                          "NBD_OPT_STRUCTURED_REPLY must have no payload")) {
-            co_return false;
-          }
+          refusal = kRepErrInvalid;
+          why = std::string(option_name(option)) + " must have no payload";
+        } else if (!extended && reply_mode_ == ReplyMode::kExtended) {
+          refusal = kRepErrExtHeaderReqd;
+          why = "extended headers are already negotiated and cannot be downgraded";
+        }
+        if (refusal != 0) {
+          if (!co_await send_option_error(option, refusal, why)) co_return false;
           break;
         }
-        structured_replies_ = true;
+        reply_mode_ = extended ? ReplyMode::kExtended : ReplyMode::kStructured;
         if (!co_await send_option_reply(option, kRepAck, {})) co_return false;
         break;
+      }
 
       case kOptListMetaContext:
       case kOptSetMetaContext: {
@@ -397,9 +414,10 @@ Task<bool> Connection::handshake() {
           base_allocation_ = false;
           meta_context_export_.clear();
         }
-        if (!structured_replies_) {
-          if (!co_await send_option_error(option, kRepErrInvalid,
-                                          "structured replies were not negotiated")) {
+        if (reply_mode_ == ReplyMode::kSimple) {
+          if (!co_await send_option_error(
+                  option, kRepErrInvalid,
+                  "neither structured replies nor extended headers were negotiated")) {
             co_return false;
           }
           break;
@@ -515,16 +533,6 @@ void simple_reply(uint8_t* out, uint32_t error, uint64_t cookie) {
   store64(out + 8, cookie);
 }
 
-// Fills a structured reply chunk header.
-void chunk_header(uint8_t* out, uint16_t flags, uint16_t type, uint64_t cookie,
-                  uint32_t payload_length) {
-  store32(out, kStructuredReplyMagic);
-  store16(out + 4, flags);
-  store16(out + 6, type);
-  store64(out + 8, cookie);
-  store32(out + 16, payload_length);
-}
-
 uint32_t status_to_nbd_flags(uint32_t status) {
   return ((status & block::kStatusData) ? 0 : kStateHole) |
          ((status & block::kStatusZero) ? kStateZero : 0);
@@ -544,27 +552,37 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
   block::BlockBackend& backend = c.export_->backend();
   PendingReply reply;
   // Headers and metadata of the reply; the data itself stays in `buffer`.
-  uint8_t
-      scratch[kChunkHeaderSize + 4 + kMaxExtents * 8 + kMaxReadChunks * (kChunkHeaderSize + 12)];
-  const bool structured = c.structured_replies_;
+  uint8_t scratch[kExtendedChunkHeaderSize + 8 + kMaxExtents * 16 +
+                  kMaxReadChunks * (kExtendedChunkHeaderSize + 12)];
+  const ReplyMode mode = c.reply_mode_;
+  const bool structured = mode != ReplyMode::kSimple;
   const uint64_t buffer_bytes = buffer.capacity();
 
   auto fail = [&](uint32_t nbd_error) {
     reply.count = 0;
     reply.bytes = 0;
-    if (structured && (request.type == kCmdRead || request.type == kCmdBlockStatus)) {
-      chunk_header(scratch, kReplyFlagDone, kReplyTypeError, request.cookie, 6);
-      store32(scratch + kChunkHeaderSize, nbd_error);
-      store16(scratch + kChunkHeaderSize + 4, 0);
-      reply.add(scratch, kChunkHeaderSize + 6);
+    // Extended headers allow no simple reply; with structured replies, reads and block status
+    // must fail in a chunk (the client may expect one).
+    if (mode == ReplyMode::kExtended ||
+        (structured && (request.type == kCmdRead || request.type == kCmdBlockStatus))) {
+      const size_t header =
+          encode_chunk_header(scratch, mode, kReplyFlagDone, kReplyTypeError, request, 6);
+      store32(scratch + header, nbd_error);
+      store16(scratch + header + 4, 0);
+      reply.add(scratch, header + 6);
     } else {
       simple_reply(scratch, nbd_error, request.cookie);
       reply.add(scratch, kSimpleReplySize);
     }
   };
   auto ok = [&] {
-    simple_reply(scratch, 0, request.cookie);
-    reply.add(scratch, kSimpleReplySize);
+    if (mode == ReplyMode::kExtended) {
+      reply.add(scratch,
+                encode_chunk_header(scratch, mode, kReplyFlagDone, kReplyTypeNone, request, 0));
+    } else {
+      simple_reply(scratch, 0, request.cookie);
+      reply.add(scratch, kSimpleReplySize);
+    }
   };
   // The reply for a command whose whole result is one block-layer return value.
   auto reply_status = [&](int64_t ret) {
@@ -581,7 +599,7 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
     switch (request.type) {
       case kCmdRead: {
         const uint64_t offset = request.offset;
-        const uint32_t length = request.length;
+        const auto length = static_cast<uint32_t>(request.length);  // validated: <= kMaxPayload
         if (!structured) {
           const int64_t ret = length ? co_await backend.read(offset, length, buffer.data(), 0) : 0;
           if (ret < 0) {
@@ -594,8 +612,8 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
           break;
         }
         if (length == 0) {
-          chunk_header(scratch, kReplyFlagDone, kReplyTypeNone, request.cookie, 0);
-          reply.add(scratch, kChunkHeaderSize);
+          reply.add(scratch, encode_chunk_header(scratch, mode, kReplyFlagDone, kReplyTypeNone,
+                                                 request, 0));
           break;
         }
         // Split the range into data and zero runs (at most kMaxReadChunks; the rest is data).
@@ -669,17 +687,19 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
         for (int i = 0; i < run_count; ++i) {
           const uint16_t flags = i == run_count - 1 ? kReplyFlagDone : 0;
           if (runs[i].zero) {
-            chunk_header(header, flags, kReplyTypeOffsetHole, request.cookie, 12);
-            store64(header + kChunkHeaderSize, runs[i].start);
-            store32(header + kChunkHeaderSize + 8, runs[i].length);
-            reply.add(header, kChunkHeaderSize + 12);
-            header += kChunkHeaderSize + 12;
+            const size_t size =
+                encode_chunk_header(header, mode, flags, kReplyTypeOffsetHole, request, 12);
+            store64(header + size, runs[i].start);
+            store32(header + size + 8, runs[i].length);
+            reply.add(header, size + 12);
+            header += size + 12;
           } else {
-            chunk_header(header, flags, kReplyTypeOffsetData, request.cookie, 8 + runs[i].length);
-            store64(header + kChunkHeaderSize, runs[i].start);
-            reply.add(header, kChunkHeaderSize + 8);
+            const size_t size = encode_chunk_header(header, mode, flags, kReplyTypeOffsetData,
+                                                    request, 8 + uint64_t{runs[i].length});
+            store64(header + size, runs[i].start);
+            reply.add(header, size + 8);
             reply.add(buffer.data() + (runs[i].start - offset), runs[i].length);
-            header += kChunkHeaderSize + 8;
+            header += size + 8;
           }
         }
         break;
@@ -721,12 +741,14 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
         break;
       }
       case kCmdBlockStatus: {
-        uint8_t* extents = scratch + kChunkHeaderSize + 4;
+        struct Extent {
+          uint64_t length;
+          uint32_t flags;
+        } extents[kMaxExtents];
         int count = 0;
         uint64_t position = request.offset;
         const uint64_t end = request.offset + request.length;
         int64_t failure = 0;
-        uint32_t last_flags = 0;
         while (position < end && count < kMaxExtents) {
           block::BlockStatus status = co_await backend.block_status(position, end - position);
           if (status.bytes <= 0) {
@@ -736,14 +758,12 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
           const uint64_t bytes =
               std::min<uint64_t>(static_cast<uint64_t>(status.bytes), end - position);
           const uint32_t flags = status_to_nbd_flags(status.flags);
-          if (count > 0 && flags == last_flags) {
-            uint8_t* previous = extents + (count - 1) * 8;
-            store32(previous, load32(previous) + static_cast<uint32_t>(bytes));
+          // Compact extents hold 32-bit lengths; a compact request never spans more.
+          if (count > 0 && flags == extents[count - 1].flags &&
+              (mode == ReplyMode::kExtended || extents[count - 1].length + bytes <= UINT32_MAX)) {
+            extents[count - 1].length += bytes;
           } else {
-            store32(extents + count * 8, static_cast<uint32_t>(bytes));
-            store32(extents + count * 8 + 4, flags);
-            last_flags = flags;
-            ++count;
+            extents[count++] = {bytes, flags};
           }
           position += bytes;
           if (request.flags & kCmdFlagReqOne) break;
@@ -752,10 +772,27 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
           fail(errno_to_nbd(static_cast<int>(failure ? failure : -EIO)));
           break;
         }
-        const uint32_t payload = 4 + static_cast<uint32_t>(count) * 8;
-        chunk_header(scratch, kReplyFlagDone, kReplyTypeBlockStatus, request.cookie, payload);
-        store32(scratch + kChunkHeaderSize, kBaseAllocationId);
-        reply.add(scratch, kChunkHeaderSize + payload);
+        const bool wide = mode == ReplyMode::kExtended;
+        const size_t descriptor = wide ? 16 : 8;
+        const size_t prefix = wide ? 8 : 4;  // context id (and, extended, descriptor count)
+        const uint64_t payload = prefix + static_cast<uint64_t>(count) * descriptor;
+        const size_t header = encode_chunk_header(
+            scratch, mode, kReplyFlagDone, wide ? kReplyTypeBlockStatusExt : kReplyTypeBlockStatus,
+            request, payload);
+        uint8_t* out = scratch + header;
+        store32(out, kBaseAllocationId);
+        if (wide) store32(out + 4, static_cast<uint32_t>(count));
+        out += prefix;
+        for (int i = 0; i < count; ++i, out += descriptor) {
+          if (wide) {
+            store64(out, extents[i].length);
+            store64(out + 8, extents[i].flags);
+          } else {
+            store32(out, static_cast<uint32_t>(extents[i].length));
+            store32(out + 4, extents[i].flags);
+          }
+        }
+        reply.add(scratch, header + payload);
         break;
       }
       default:
@@ -774,10 +811,12 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
 
 Task<void> Connection::transmission() {
   loop_.spawn(writer());
+  const bool extended = reply_mode_ == ReplyMode::kExtended;
   const RequestContext base{static_cast<uint64_t>(export_->backend().size()), export_->writable(),
-                            structured_replies_, base_allocation_};
+                            reply_mode_ != ReplyMode::kSimple, base_allocation_, extended};
   const ServerOptions& options = server_.options();
-  uint8_t header[kRequestSize];
+  const size_t header_size = extended ? kExtendedRequestSize : kRequestSize;
+  uint8_t header[kExtendedRequestSize];
   while (true) {
     while (!closing_ && (in_flight_ >= options.max_requests_in_flight ||
                          buffered_bytes_ >= options.max_buffered_bytes)) {
@@ -785,23 +824,50 @@ Task<void> Connection::transmission() {
       co_await progress_.wait();
     }
     if (closing_ || broken_) break;
-    if (!co_await read_exact(header, sizeof header)) break;
-    auto request = parse_request(std::span<const uint8_t, kRequestSize>(header, kRequestSize));
+    if (!co_await read_exact(header, header_size)) break;
+    auto request = parse_request(std::span<const uint8_t>(header, header_size));
     if (!request) break;  // the stream is out of sync: drop the client
     if (request->type == kCmdDisc) break;
+    const uint64_t payload_length = request_payload_length(*request, reply_mode_);
+    // An extended header states its payload length; one above the maximum is a broken client.
+    if (extended && payload_length > kMaxPayload) break;
+
+    uint32_t error = 0;
+    if (payload_length > 0 && request->type != kCmdWrite) {
+      // Only block status has a payload form (when advertised); any other payload is consumed
+      // and refused.
+      uint8_t form[12];
+      const bool readable = request->type == kCmdBlockStatus && base_allocation_ &&
+                            payload_length <= sizeof form;
+      if (readable) {
+        if (!co_await read_exact(form, payload_length)) break;
+      } else if (!co_await discard(payload_length)) {
+        break;
+      }
+      const auto effect = readable ? parse_block_status_payload(
+                                         std::span<const uint8_t>(form, payload_length),
+                                         kBaseAllocationId)
+                                   : std::nullopt;
+      if (effect) {
+        request->length = *effect;
+        request->flags &= ~kCmdFlagPayloadLen;
+      } else {
+        error = kEinval;
+      }
+    }
 
     RequestContext context = base;
     context.export_size = static_cast<uint64_t>(export_->backend().size());
-    const uint32_t error = validate_request(*request, context);
+    if (error == 0) error = validate_request(*request, context);
     Buffer buffer;
     if (request->type == kCmdWrite) {
       if (error != 0) {
-        if (!co_await discard(request->length)) break;
-      } else if (request->length > 0) {
-        buffer = pool_.get(request->length);
+        if (!co_await discard(payload_length)) break;
+      } else if (payload_length > 0) {
+        buffer = pool_.get(payload_length);
         if (!buffer) {
-          if (!co_await discard(request->length)) break;
-        } else if (!co_await read_exact(buffer.data(), request->length)) {
+          if (!co_await discard(payload_length)) break;
+        } else if (!co_await read_exact(buffer.data(), payload_length)) {
           break;
         }
       }

@@ -130,7 +130,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // Handshake state.
   bool fixed_newstyle_ = false;
   bool no_zeroes_ = false;
-  bool structured_replies_ = false;
+  ReplyMode reply_mode_ = ReplyMode::kSimple;
   bool base_allocation_ = false;     // base:allocation selected by SET_META_CONTEXT...
   std::string meta_context_export_;  // ...for this export name
   bool handshake_done_ = false;

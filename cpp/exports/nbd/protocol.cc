@@ -37,16 +37,50 @@ uint32_t errno_to_nbd(int error) noexcept {
   }
 }
 
-std::optional<Request> parse_request(std::span<const uint8_t, kRequestSize> bytes) noexcept {
+std::optional<Request> parse_request(std::span<const uint8_t> bytes) noexcept {
+  const bool extended = bytes.size() == kExtendedRequestSize;
+  if (!extended && bytes.size() != kRequestSize) return std::nullopt;
   const uint8_t* p = bytes.data();
-  if (load32(p) != kRequestMagic) return std::nullopt;
+  if (load32(p) != (extended ? kExtendedRequestMagic : kRequestMagic)) return std::nullopt;
   Request request;
   request.flags = load16(p + 4);
   request.type = load16(p + 6);
   request.cookie = load64(p + 8);
   request.offset = load64(p + 16);
-  request.length = load32(p + 24);
+  request.length = extended ? load64(p + 24) : load32(p + 24);
   return request;
+}
+
+uint64_t request_payload_length(const Request& request, ReplyMode mode) noexcept {
+  if (mode == ReplyMode::kExtended) {
+    return (request.flags & kCmdFlagPayloadLen) ? request.length : 0;
+  }
+  return request.type == kCmdWrite ? request.length : 0;
+}
+
+std::optional<uint64_t> parse_block_status_payload(std::span<const uint8_t> payload,
+                                                   uint32_t selected_context) noexcept {
+  // An effect length, then one or more 32-bit context ids; this server offers a single context,
+  // so the only valid list is that one id.
+  if (payload.size() != 8 + 4) return std::nullopt;
+  if (load32(payload.data() + 8) != selected_context) return std::nullopt;
+  return load64(payload.data());
+}
+
+size_t encode_chunk_header(uint8_t* out, ReplyMode mode, uint16_t flags, uint16_t type,
+                           const Request& request, uint64_t payload_length) noexcept {
+  store16(out + 4, flags);
+  store16(out + 6, type);
+  store64(out + 8, request.cookie);
+  if (mode == ReplyMode::kExtended) {
+    store32(out, kExtendedReplyMagic);
+    store64(out + 16, request.offset);
+    store64(out + 24, payload_length);
+    return kExtendedChunkHeaderSize;
+  }
+  store32(out, kStructuredReplyMagic);
+  store32(out + 16, static_cast<uint32_t>(payload_length));
+  return kChunkHeaderSize;
 }
 
 namespace {
@@ -79,6 +113,12 @@ uint32_t validate_request(const Request& request, const RequestContext& context)
       break;
     default:
       return kEinval;
+  }
+  // With extended headers a write says its payload length, and no other command has a payload
+  // (block status's payload form is resolved before this check).
+  if (context.extended_headers && request.type == kCmdWrite) {
+    if (!(request.flags & kCmdFlagPayloadLen)) return kEinval;
+    valid_flags |= kCmdFlagPayloadLen;
   }
   if (request.flags & ~valid_flags) return kEinval;
 

@@ -3,7 +3,8 @@
 // Implements the fixed newstyle handshake and the transmission phase of the NBD protocol as
 // specified in NetworkBlockDevice/nbd doc/proto.md ("Fixed newstyle negotiation", "Option types",
 // "Option reply types", "Request message", "Simple reply message", "Structured reply chunk
-// message", "Metadata contexts", "Error values"). Everything here is free of I/O so that it can be
+// message", "Metadata contexts", "Error values") and the extended headers extension
+// (NBD_OPT_EXTENDED_HEADERS, on the spec's extension-ext-header branch). Everything here is free of I/O so that it can be
 // unit tested and fuzzed: the connection code (connection.cc) reads bytes, calls these functions
 // and writes what they return.
 //
@@ -27,6 +28,8 @@ inline constexpr uint64_t kOptionReplyMagic = 0x3e889045565a9ull;
 inline constexpr uint32_t kRequestMagic = 0x25609513u;
 inline constexpr uint32_t kSimpleReplyMagic = 0x67446698u;
 inline constexpr uint32_t kStructuredReplyMagic = 0x668e33efu;
+inline constexpr uint32_t kExtendedRequestMagic = 0x21e41c71u;
+inline constexpr uint32_t kExtendedReplyMagic = 0x6e8a278cu;
 
 // ---- Handshake flags (server) and client flags.
 inline constexpr uint16_t kFlagFixedNewstyle = 1u << 0;
@@ -47,6 +50,7 @@ inline constexpr uint16_t kFlagCanMultiConn = 1u << 8;
 inline constexpr uint16_t kFlagSendResize = 1u << 9;
 inline constexpr uint16_t kFlagSendCache = 1u << 10;
 inline constexpr uint16_t kFlagSendFastZero = 1u << 11;
+inline constexpr uint16_t kFlagBlockStatusPayload = 1u << 12;
 
 // ---- Options.
 enum Option : uint32_t {
@@ -78,6 +82,7 @@ inline constexpr uint32_t kRepErrUnknown = kRepErrorBit + 6;
 inline constexpr uint32_t kRepErrShutdown = kRepErrorBit + 7;
 inline constexpr uint32_t kRepErrBlockSizeReqd = kRepErrorBit + 8;
 inline constexpr uint32_t kRepErrTooBig = kRepErrorBit + 9;
+inline constexpr uint32_t kRepErrExtHeaderReqd = kRepErrorBit + 10;
 
 // ---- NBD_OPT_INFO / NBD_OPT_GO information types.
 inline constexpr uint16_t kInfoExport = 0;
@@ -101,6 +106,7 @@ inline constexpr uint16_t kCmdFlagNoHole = 1u << 1;
 inline constexpr uint16_t kCmdFlagDf = 1u << 2;
 inline constexpr uint16_t kCmdFlagReqOne = 1u << 3;
 inline constexpr uint16_t kCmdFlagFastZero = 1u << 4;
+inline constexpr uint16_t kCmdFlagPayloadLen = 1u << 5;
 
 // ---- Structured reply chunks.
 inline constexpr uint16_t kReplyFlagDone = 1u << 0;
@@ -108,6 +114,7 @@ inline constexpr uint16_t kReplyTypeNone = 0;
 inline constexpr uint16_t kReplyTypeOffsetData = 1;
 inline constexpr uint16_t kReplyTypeOffsetHole = 2;
 inline constexpr uint16_t kReplyTypeBlockStatus = 5;
+inline constexpr uint16_t kReplyTypeBlockStatusExt = 6;
 inline constexpr uint16_t kReplyTypeError = (1u << 15) + 1;
 inline constexpr uint16_t kReplyTypeErrorOffset = (1u << 15) + 2;
 
@@ -138,8 +145,10 @@ inline constexpr uint32_t kBaseAllocationId = 1;
 
 // Sizes of fixed wire messages.
 inline constexpr size_t kRequestSize = 28;
+inline constexpr size_t kExtendedRequestSize = 32;
 inline constexpr size_t kSimpleReplySize = 16;
 inline constexpr size_t kChunkHeaderSize = 20;
+inline constexpr size_t kExtendedChunkHeaderSize = 32;
 inline constexpr size_t kOptionHeaderSize = 16;
 inline constexpr size_t kOptionReplyHeaderSize = 20;
 
@@ -170,18 +179,40 @@ inline void store64(uint8_t* p, uint64_t v) noexcept {
 // does).
 uint32_t errno_to_nbd(int error) noexcept;
 
+// How the transmission phase is framed, as negotiated: simple replies only (the default),
+// structured replies (NBD_OPT_STRUCTURED_REPLY) or extended headers (NBD_OPT_EXTENDED_HEADERS:
+// 32-byte requests with 64-bit lengths, and only 32-byte reply chunks).
+enum class ReplyMode : uint8_t { kSimple, kStructured, kExtended };
+
 // A request header as read from the wire.
 struct Request {
   uint16_t flags = 0;
   uint16_t type = 0;
   uint64_t cookie = 0;  // the client's "handle", echoed in the reply
   uint64_t offset = 0;
-  uint32_t length = 0;
+  // The payload length when the request carries one (NBD_CMD_WRITE; with extended headers any
+  // command flagged NBD_CMD_FLAG_PAYLOAD_LEN), otherwise the length of the range it acts on.
+  uint64_t length = 0;
 };
 
-// Decodes a 28-byte request header; nullopt when the magic is wrong (the connection must be
-// dropped: the stream can no longer be trusted).
-std::optional<Request> parse_request(std::span<const uint8_t, kRequestSize> bytes) noexcept;
+// Decodes a request header: kRequestSize bytes in the compact form, kExtendedRequestSize bytes
+// once extended headers are negotiated. nullopt when the magic is wrong for that form (the
+// connection must be dropped: the stream can no longer be trusted).
+std::optional<Request> parse_request(std::span<const uint8_t> bytes) noexcept;
+
+// How many payload bytes follow a request header on the wire.
+uint64_t request_payload_length(const Request& request, ReplyMode mode) noexcept;
+
+// The payload form of NBD_CMD_BLOCK_STATUS (extended headers only): a 64-bit effect length and
+// the metadata context ids to report. Returns the effect length when the payload is well formed
+// and names only `selected_context` (once); nullopt otherwise (the request fails with EINVAL).
+std::optional<uint64_t> parse_block_status_payload(std::span<const uint8_t> payload,
+                                                   uint32_t selected_context) noexcept;
+
+// Writes the header of a reply chunk in the framing of `mode` (structured or extended; never
+// kSimple) and returns its size. Extended headers echo the request's offset.
+size_t encode_chunk_header(uint8_t* out, ReplyMode mode, uint16_t flags, uint16_t type,
+                           const Request& request, uint64_t payload_length) noexcept;
 
 // What the server knows about the export and the connection when it checks a request.
 struct RequestContext {
@@ -189,12 +220,15 @@ struct RequestContext {
   bool writable = false;
   bool structured_replies = false;
   bool base_allocation_selected = false;
+  bool extended_headers = false;
 };
 
 // Checks a request against the protocol and the export. Returns 0 when it may be executed, or the
 // NBD error to reply with (kEinval for unknown commands or flags, out-of-bounds ranges and payloads
-// above kMaxPayload; kEperm for writes to a read-only export; ...). For NBD_CMD_WRITE the caller
-// must still consume the payload (or drop the connection) whatever this returns.
+// above kMaxPayload; kEperm for writes to a read-only export; ...). The caller must still consume
+// any payload (or drop the connection) whatever this returns. With extended headers NBD_CMD_WRITE
+// must carry NBD_CMD_FLAG_PAYLOAD_LEN and no other command may: the caller turns the payload form
+// of NBD_CMD_BLOCK_STATUS into a plain request (parse_block_status_payload) before checking it.
 uint32_t validate_request(const Request& request, const RequestContext& context) noexcept;
 
 // The transmission flags advertised for an export.

@@ -251,8 +251,8 @@ TEST_F(NbdServerTest, ListsExportsAndAnswersInfo) {
   EXPECT_EQ(recv_option_reply().type, kRepErrInvalid);
   send_option(42, {9, 9});
   EXPECT_EQ(recv_option_reply().type, kRepErrUnsup);
-  send_option(kOptExtendedHeaders, {});
-  EXPECT_EQ(recv_option_reply().type, kRepErrUnsup);
+  send_option(kOptExtendedHeaders, {1});  // must have no payload
+  EXPECT_EQ(recv_option_reply().type, kRepErrInvalid);
   // Meta contexts need structured replies first.
   std::vector<uint8_t> meta(8, 0);
   send_option(kOptSetMetaContext, meta);
