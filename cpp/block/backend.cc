@@ -85,6 +85,13 @@ Task<int64_t> BlockBackend::cache(uint64_t offset, uint64_t length) noexcept {
   co_return co_await root_->cache(offset, length);
 }
 
+Task<int64_t> BlockBackend::truncate(uint64_t size) noexcept {
+  if (!root_) co_return -ENOMEDIUM;
+  if (!(permissions() & kPermResize)) co_return -EPERM;
+  InFlight guard(*this);
+  co_return co_await root_->truncate(size);
+}
+
 Task<void> BlockBackend::drain() noexcept {
   while (in_flight_ > 0) co_await idle_.wait();
 }

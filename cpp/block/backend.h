@@ -44,6 +44,8 @@ class BlockBackend final : public User {
   Task<int64_t> write_zeroes(uint64_t offset, uint64_t length, uint32_t flags) noexcept;
   Task<BlockStatus> block_status(uint64_t offset, uint64_t length) noexcept;
   Task<int64_t> cache(uint64_t offset, uint64_t length) noexcept;
+  // Resizes the node; -EPERM unless this backend holds the resize permission.
+  Task<int64_t> truncate(uint64_t size) noexcept;
 
   // Number of requests currently in flight through this backend.
   uint64_t in_flight() const noexcept { return in_flight_; }

@@ -60,6 +60,8 @@ Child* Node::file_child() const noexcept {
 
 Task<int64_t> Node::discard(uint64_t, uint64_t) noexcept { co_return 0; }
 
+Task<int64_t> Node::truncate(uint64_t) noexcept { co_return -ENOTSUP; }
+
 Task<int64_t> Node::write_zeroes(uint64_t offset, uint64_t length, uint32_t flags) noexcept {
   if (flags & kRequestNoFallback) co_return -ENOTSUP;
   static constexpr uint64_t kChunk = 1 << 20;

@@ -157,6 +157,10 @@ class Node {
   virtual Task<BlockStatus> block_status(uint64_t offset, uint64_t length) noexcept;
   // Prefetches a range into caches (NBD_CMD_CACHE). Default: a read that discards the data.
   virtual Task<int64_t> cache(uint64_t offset, uint64_t length) noexcept;
+  // Changes the node's size to `size` bytes (the driver may round it up, as QEMU keeps sizes in
+  // 512-byte sectors); new space reads as zeroes. The caller must hold the resize permission.
+  // Default: -ENOTSUP (the driver cannot change its size).
+  virtual Task<int64_t> truncate(uint64_t size) noexcept;
 
   // ---- Graph (main loop).
   const std::vector<std::unique_ptr<Child>>& children() const noexcept { return children_; }

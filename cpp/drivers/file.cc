@@ -13,6 +13,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -110,6 +111,7 @@ class FileNode final : public block::Node {
   Task<int64_t> discard(uint64_t offset, uint64_t length) noexcept override;
   Task<int64_t> write_zeroes(uint64_t offset, uint64_t length, uint32_t flags) noexcept override;
   Task<BlockStatus> block_status(uint64_t offset, uint64_t length) noexcept override;
+  Task<int64_t> truncate(uint64_t size) noexcept override;
 
  protected:
   Status check_permissions(uint32_t permissions, uint32_t shared) override;
@@ -640,6 +642,17 @@ Task<BlockStatus> FileNode::block_status(uint64_t offset, uint64_t length) noexc
   data_extent_start_ = offset;
   data_extent_end_ = extent_end;
   co_return BlockStatus{static_cast<int64_t>(std::min(extent_end, end) - offset), kData};
+}
+
+Task<int64_t> FileNode::truncate(uint64_t size) noexcept {
+  if (read_only()) co_return -EPERM;
+  if (size > static_cast<uint64_t>(std::numeric_limits<off_t>::max())) co_return -EFBIG;
+  // ftruncate on the loop thread, as QEMU's file driver does for a plain resize: it only changes
+  // metadata.
+  if (ftruncate(fd_, static_cast<off_t>(size)) != 0) co_return -errno;
+  if (size < data_extent_end_) data_extent_start_ = data_extent_end_ = 0;
+  set_size(static_cast<int64_t>((size + kSectorSize - 1) / kSectorSize * kSectorSize));
+  co_return 0;
 }
 
 }  // namespace

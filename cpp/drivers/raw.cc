@@ -92,6 +92,15 @@ class RawNode final : public block::Node {
     co_return co_await file().cache(offset_ + offset, length);
   }
 
+  // Only a raw node that shows its whole file can change size (QEMU refuses the others too).
+  Task<int64_t> truncate(uint64_t size) noexcept override {
+    if (offset_ != 0 || raw_options_.size) co_return -ENOTSUP;
+    const int64_t ret = co_await file().truncate(size);
+    if (ret < 0) co_return ret;
+    set_size(file().size());
+    co_return 0;
+  }
+
  private:
   block::Node& file() const noexcept { return *file_child()->node(); }
 
