@@ -76,6 +76,9 @@ blockd, a block storage engine with qemu-storage-daemon's command line
   --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]
            [,writable=on|off][,bitmap=<name>]
                          export a block node (needs --nbd-server for NBD)
+  --export [type=]fuse,id=<id>,node-name=<node-name>,mountpoint=<file>
+           [,growable=on|off][,writable=on|off][,allow-other=on|off|auto]
+                         export a block node as a regular file (FUSE)
 
   --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
                          serve QMP on a character device

@@ -2,11 +2,15 @@
 // nbd-server-remove, block-export-add, block-export-del, query-block-exports; and the daemon's
 // --nbd-server option.
 //
+// FUSE exports (type=fuse) are checked the same way up to the node, then as in qemu-storage-daemon's
+// FUSE export: read-only node, mountpoint already exported, mountpoint not a regular file.
+//
 // The checks run in the order qemu-storage-daemon 7.2 runs them, so the same mistake gets the same
 // error: export id, duplicate id, node, iothread, then the NBD server and the NBD-specific options.
 #include <algorithm>
 #include <cctype>
 
+#include "exports/fuse/fuse_export.h"
 #include "exports/nbd/server.h"
 #include "qapi/commands.h"
 #include "qapi/events.h"
@@ -164,17 +168,56 @@ struct NbdExportRequest {
   exports::nbd::NbdExportOptions options;
 };
 
+Status check_iothread(qmp::Context& context, const std::optional<std::string>& iothread) {
+  if (!iothread) return Status::ok();
+  auto it = context.objects().find(*iothread);
+  if (it == context.objects().end() || it->second->type_name() != "iothread") {
+    return Status::generic("iothread \"" + *iothread + "\" not found");
+  }
+  return Status::generic("Exports in an iothread are not supported by blockd yet");
+}
+
 Status add_nbd_export(qmp::Context& context, const NbdExportRequest& request,
                       const std::shared_ptr<block::Node>& node) {
-  if (request.iothread) {
-    auto it = context.objects().find(*request.iothread);
-    if (it == context.objects().end() || it->second->type_name() != "iothread") {
-      return Status::generic("iothread \"" + *request.iothread + "\" not found");
-    }
-    return Status::generic("Exports in an iothread are not supported by blockd yet");
-  }
+  BLOCKD_RETURN_IF_ERROR(check_iothread(context, request.iothread));
   if (!context.nbd_server()) return Status::generic("NBD server not running");
   auto created = context.nbd_server()->add_export(request.options, node);
+  if (!created) return created.status();
+  context.exports().insert(context.exports().begin(), std::move(created).value());
+  return Status::ok();
+}
+
+Status add_fuse_export(qmp::Context& context, const BlockExportOptions& options,
+                       const std::shared_ptr<block::Node>& node) {
+  BLOCKD_RETURN_IF_ERROR(check_iothread(context, options.iothread));
+  const BlockExportOptionsFuse& fuse = *options.u.fuse;
+  exports::fuse::FuseExportOptions request;
+  request.id = options.id;
+  request.mountpoint = fuse.mountpoint;
+  request.writable = options.writable.value_or(false);
+  request.writethrough = options.writethrough.value_or(false);
+  request.growable = fuse.growable.value_or(false);
+  switch (fuse.allow_other.value_or(FuseExportAllowOther::kAuto)) {
+    case FuseExportAllowOther::kOff:
+      request.allow_other = exports::fuse::AllowOther::kOff;
+      break;
+    case FuseExportAllowOther::kOn:
+      request.allow_other = exports::fuse::AllowOther::kOn;
+      break;
+    case FuseExportAllowOther::kAuto:
+      request.allow_other = exports::fuse::AllowOther::kAuto;
+      break;
+  }
+  if (request.writable && node->read_only()) {
+    return Status::generic("Cannot export read-only node as writable");
+  }
+  for (const auto& entry : context.exports()) {
+    const auto* other = dynamic_cast<const exports::fuse::FuseExport*>(entry.get());
+    if (other != nullptr && other->mountpoint() == request.mountpoint) {
+      return Status::generic("There already is a FUSE export on '" + request.mountpoint + "'");
+    }
+  }
+  auto created = exports::fuse::FuseExport::create(context.main_loop(), request, node);
   if (!created) return created.status();
   context.exports().insert(context.exports().begin(), std::move(created).value());
   return Status::ok();
@@ -217,6 +260,7 @@ Status qmp_block_export_add(qmp::Context& context, const BlockExportOptions& opt
   if (!node) {
     return Status::generic("Cannot find device='' nor node-name='" + options.node_name + "'");
   }
+  if (options.type == BlockExportType::kFuse) return add_fuse_export(context, options, node);
   if (options.type != BlockExportType::kNbd) {
     return Status::generic("Export type '" + std::string(to_string(options.type)) +
                            "' is not supported by blockd yet");

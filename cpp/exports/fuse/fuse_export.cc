@@ -1,0 +1,605 @@
+// The FUSE export over libfuse3's low-level API (see fuse_export.h).
+//
+// The file system has one inode, the root, which is the regular file over which it is mounted.
+// Operations (FUSE opcodes of include/uapi/linux/fuse.h): GETATTR, SETATTR (size: resize when
+// writable; mode, owner and times are kept in memory), OPEN (direct I/O, parallel direct writes),
+// READ, WRITE, FSYNC (flush), FALLOCATE, LSEEK (SEEK_DATA/SEEK_HOLE from block status). The rest
+// gets libfuse's default replies (ENOSYS, or success for RELEASE and the like).
+//
+// Request flow. libfuse mounts and handles INIT, but the requests are read here: /dev/fuse is
+// non-blocking, and a reader coroutine on the export's loop reads one request per buffer ("slot")
+// until the device has nothing more, then waits for POLLIN through io_uring. Each request is
+// handed to libfuse's decoder (fuse_session_process_buf), which calls the handlers below; those
+// that need the node start a coroutine that replies when the node has answered, and keep the slot
+// while they run. So up to max_requests_in_flight requests proceed at once, with no lock and no
+// thread of their own.
+//
+// Copies. A slot is 1 MiB + 8 KiB, page aligned. The kernel writes a request so that the payload
+// of a WRITE (after the 80-byte fuse_in_header + fuse_write_in) starts on a page boundary, and the
+// node writes straight from there; a READ's data is read into the same slot (its request has been
+// decoded by then) and sent from there. Files are opened with FOPEN_DIRECT_IO so that the page
+// cache neither copies nor delays anything and every read reaches the node.
+#define FUSE_USE_VERSION 312
+
+#include "exports/fuse/fuse_export.h"
+
+#include <fcntl.h>
+#include <fuse_lowlevel.h>
+#include <linux/fuse.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+
+extern char** environ;
+
+#include "exports/fuse/policy.h"
+
+namespace blockd::exports::fuse {
+
+namespace {
+
+constexpr size_t kPage = 4096;
+// fuse_in_header (40 bytes) + fuse_write_in (40 bytes): where a WRITE's payload starts.
+constexpr size_t kWriteHeader = sizeof(fuse_in_header) + sizeof(fuse_write_in);
+// What one read(2) of /dev/fuse may return: the kernel needs room for a header plus max_write.
+constexpr size_t kRequestRoom = FuseExport::kMaxTransfer + kPage;
+constexpr size_t kSlotBytes = FuseExport::kMaxTransfer + 2 * kPage;
+// How long the kernel may cache the file's attributes. Every change goes through this export,
+// whose replies update the kernel's copy, so caching them is safe.
+constexpr double kAttrTimeout = 1.0;
+
+timespec now() noexcept {
+  timespec ts{};
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return ts;
+}
+
+// The path of fusermount3 on PATH (or in /usr/bin, /bin), or "".
+std::string find_fusermount() {
+  const char* path = std::getenv("PATH");
+  const std::string directories = path ? std::string(path) + ":/usr/bin:/bin" : "/usr/bin:/bin";
+  size_t start = 0;
+  while (start < directories.size()) {
+    const size_t end = std::min(directories.find(':', start), directories.size());
+    if (end > start) {
+      const std::string candidate = directories.substr(start, end - start) + "/fusermount3";
+      if (access(candidate.c_str(), X_OK) == 0) return candidate;
+    }
+    start = end + 1;
+  }
+  return "";
+}
+
+}  // namespace
+
+struct FuseExport::Slot {
+  explicit Slot(uint8_t* block) : memory(block) {}
+  ~Slot() { std::free(memory); }
+  Slot(const Slot&) = delete;
+  Slot& operator=(const Slot&) = delete;
+  uint8_t* request() const noexcept { return memory + kPage - kWriteHeader; }
+  uint8_t* data() const noexcept { return memory + kPage; }
+  uint8_t* memory;
+};
+
+// The libfuse callbacks and the coroutines that answer them.
+struct FuseExport::Handlers {
+  static FuseExport& self(fuse_req_t req) {
+    return *static_cast<FuseExport*>(fuse_req_userdata(req));
+  }
+
+  // Starts a coroutine that answers a request; the export waits for it before going away.
+  static void start(FuseExport& e, Task<void> task) {
+    ++e.handlers_;
+    e.loop_.spawn([](FuseExport& owner, Task<void> inner) -> Task<void> {
+      co_await std::move(inner);
+      --owner.handlers_;
+      owner.progress_.notify_all();
+    }(e, std::move(task)));
+  }
+
+  // The current request keeps its buffer until `release_slot`.
+  static Slot* keep_slot(FuseExport& e) {
+    e.current_taken_ = true;
+    return e.current_;
+  }
+
+  static void init(void*, fuse_conn_info* conn) {
+    conn->max_write = kMaxTransfer;
+    conn->max_read = kMaxTransfer;  // must match the max_read mount option
+    // Direct I/O requests from an asynchronous submitter (io_uring, libaio) stay asynchronous.
+    if (conn->capable & FUSE_CAP_ASYNC_DIO) conn->want |= FUSE_CAP_ASYNC_DIO;
+    conn->want &= ~(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE |
+                    FUSE_CAP_WRITEBACK_CACHE);
+    // Asynchronous direct I/O travels as background requests; the default limit (12) would cap
+    // the queue depth clients can reach.
+    conn->max_background = 128;
+    conn->congestion_threshold = 96;
+  }
+
+  static void getattr(fuse_req_t req, fuse_ino_t, fuse_file_info*) {
+    struct stat st;
+    self(req).fill_stat(st);
+    fuse_reply_attr(req, &st, kAttrTimeout);
+  }
+
+  static void setattr(fuse_req_t req, fuse_ino_t, struct stat* attr, int to_set,
+                      fuse_file_info*) {
+    FuseExport& e = self(req);
+    if (to_set & FUSE_SET_ATTR_MODE) {
+      if ((attr->st_mode & S_IFMT) != 0 && (attr->st_mode & S_IFMT) != S_IFREG) {
+        fuse_reply_err(req, EINVAL);
+        return;
+      }
+      // The mode tells whether the file is writable; it cannot promise what the export refuses.
+      if (!e.writable_ && (attr->st_mode & 0222)) {
+        fuse_reply_err(req, EROFS);
+        return;
+      }
+    }
+    if ((to_set & FUSE_SET_ATTR_SIZE) && !e.writable_) {
+      fuse_reply_err(req, EACCES);
+      return;
+    }
+    start(e, finish_setattr(e, req, *attr, to_set));
+  }
+
+  static Task<void> finish_setattr(FuseExport& e, fuse_req_t req, struct stat attr, int to_set) {
+    if (to_set & FUSE_SET_ATTR_SIZE) {
+      const int64_t ret = co_await e.resize(static_cast<uint64_t>(attr.st_size), false);
+      if (ret < 0) {
+        fuse_reply_err(req, fuse_errno(ret));
+        co_return;
+      }
+      e.mtime_ = now();
+    }
+    if (to_set & FUSE_SET_ATTR_MODE) e.mode_ = attr.st_mode & 07777;
+    if (to_set & FUSE_SET_ATTR_UID) e.uid_ = attr.st_uid;
+    if (to_set & FUSE_SET_ATTR_GID) e.gid_ = attr.st_gid;
+    if (to_set & FUSE_SET_ATTR_ATIME) e.atime_ = attr.st_atim;
+    if (to_set & FUSE_SET_ATTR_ATIME_NOW) e.atime_ = now();
+    if (to_set & FUSE_SET_ATTR_MTIME) e.mtime_ = attr.st_mtim;
+    if (to_set & FUSE_SET_ATTR_MTIME_NOW) e.mtime_ = now();
+    e.ctime_ = now();
+    struct stat st;
+    e.fill_stat(st);
+    fuse_reply_attr(req, &st, kAttrTimeout);
+  }
+
+  static void open(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
+    FuseExport& e = self(req);
+    // The kernel checks the mode, but not for root: refuse writing through a read-only export.
+    if ((fi->flags & O_ACCMODE) != O_RDONLY && !e.writable_) {
+      fuse_reply_err(req, EACCES);
+      return;
+    }
+    // libfuse 3.14 has no field for FOPEN_PARALLEL_DIRECT_WRITES, so the reply is built here.
+    fuse_open_out out{};
+    out.fh = 0;
+    out.open_flags = FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES;
+    iovec iov{&out, sizeof out};
+    fuse_reply_iov(req, &iov, 1);
+  }
+
+  static void read(fuse_req_t req, fuse_ino_t, size_t size, off_t offset, fuse_file_info*) {
+    FuseExport& e = self(req);
+    start(e, finish_read(e, req, keep_slot(e), size, static_cast<uint64_t>(offset)));
+  }
+
+  static Task<void> finish_read(FuseExport& e, fuse_req_t req, Slot* slot, size_t size,
+                                uint64_t offset) {
+    const uint64_t node_size = static_cast<uint64_t>(e.backend_->size());
+    const uint64_t length =
+        offset >= node_size
+            ? 0
+            : std::min<uint64_t>({size, node_size - offset, uint64_t{kMaxTransfer}});
+    const int64_t ret =
+        length ? co_await e.backend_->read(offset, length, slot->data(), 0) : int64_t{0};
+    if (ret < 0) {
+      fuse_reply_err(req, fuse_errno(ret));
+    } else {
+      fuse_reply_buf(req, reinterpret_cast<const char*>(slot->data()), length);
+    }
+    e.release_slot(slot);
+  }
+
+  static void write(fuse_req_t req, fuse_ino_t, const char* buffer, size_t size, off_t offset,
+                    fuse_file_info*) {
+    FuseExport& e = self(req);
+    if (!e.writable_) {
+      fuse_reply_err(req, EACCES);
+      return;
+    }
+    start(e, finish_write(e, req, keep_slot(e), buffer, size, static_cast<uint64_t>(offset)));
+  }
+
+  static Task<void> finish_write(FuseExport& e, fuse_req_t req, Slot* slot, const char* buffer,
+                                 size_t size, uint64_t offset) {
+    while (e.allocating_) co_await e.writes_changed_.wait();
+    ++e.writes_;
+    WritePlan plan =
+        plan_write(offset, size, static_cast<uint64_t>(e.backend_->size()), e.growable_);
+    if (plan.error == 0 && plan.grow_to != 0) {
+      const int64_t ret = co_await e.resize(plan.grow_to, true);
+      if (ret < 0) plan.error = fuse_errno(ret);
+    }
+    if (plan.error == 0 && plan.length != 0) {
+      const int64_t ret = co_await e.backend_->write(offset, plan.length, buffer, 0);
+      if (ret < 0) plan.error = fuse_errno(ret);
+    }
+    if (plan.error != 0) {
+      fuse_reply_err(req, plan.error);
+    } else {
+      e.mtime_ = e.ctime_ = now();
+      fuse_reply_write(req, plan.length);
+    }
+    if (--e.writes_ == 0 && e.writes_changed_.has_waiters()) e.writes_changed_.notify_all();
+    e.release_slot(slot);
+  }
+
+  static void fsync(fuse_req_t req, fuse_ino_t, int, fuse_file_info*) {
+    FuseExport& e = self(req);
+    start(e, [](FuseExport& owner, fuse_req_t request) -> Task<void> {
+      const int64_t ret = co_await owner.backend_->flush();
+      fuse_reply_err(request, ret < 0 ? fuse_errno(ret) : 0);
+    }(e, req));
+  }
+
+  static void fallocate(fuse_req_t req, fuse_ino_t, int mode, off_t offset, off_t length,
+                        fuse_file_info*) {
+    FuseExport& e = self(req);
+    if (!e.writable_) {
+      fuse_reply_err(req, EACCES);
+      return;
+    }
+    if (offset < 0 || length <= 0) {
+      fuse_reply_err(req, EINVAL);
+      return;
+    }
+    start(e, finish_fallocate(e, req, mode, static_cast<uint64_t>(offset),
+                              static_cast<uint64_t>(length)));
+  }
+
+  static Task<void> finish_fallocate(FuseExport& e, fuse_req_t req, int mode, uint64_t offset,
+                                     uint64_t length) {
+    const FallocatePlan plan =
+        plan_fallocate(mode, offset, length, static_cast<uint64_t>(e.backend_->size()), true);
+    int64_t ret = plan.kind == FallocatePlan::Kind::kRefuse ? -plan.error : 0;
+    if (ret == 0 && plan.grow_to != 0) ret = co_await e.resize(plan.grow_to, true);
+    if (ret == 0 && plan.length != 0) {
+      if (plan.kind == FallocatePlan::Kind::kZeroes) {
+        const uint32_t flags = plan.may_unmap ? uint32_t{block::kRequestMayUnmap} : 0u;
+        ret = co_await e.backend_->write_zeroes(plan.offset, plan.length, flags);
+      } else {
+        ret = co_await e.allocate(plan.offset, plan.length);
+      }
+    }
+    if (ret >= 0) e.mtime_ = e.ctime_ = now();
+    fuse_reply_err(req, ret < 0 ? fuse_errno(ret) : 0);
+  }
+
+  static void lseek(fuse_req_t req, fuse_ino_t, off_t offset, int whence, fuse_file_info*) {
+    FuseExport& e = self(req);
+    if (offset < 0) {
+      fuse_reply_err(req, ENXIO);
+      return;
+    }
+    start(e, [](FuseExport& owner, fuse_req_t request, uint64_t from, int how) -> Task<void> {
+      const int64_t ret = co_await seek(*owner.backend_, from, how);
+      if (ret < 0) {
+        fuse_reply_err(request, fuse_errno(ret));
+      } else {
+        fuse_reply_lseek(request, static_cast<off_t>(ret));
+      }
+    }(e, req, static_cast<uint64_t>(offset), whence));
+  }
+
+  static const fuse_lowlevel_ops& operations() {
+    static const fuse_lowlevel_ops ops = [] {
+      fuse_lowlevel_ops table{};
+      table.init = init;
+      table.getattr = getattr;
+      table.setattr = setattr;
+      table.open = open;
+      table.read = read;
+      table.write = write;
+      table.fsync = fsync;
+      table.fallocate = fallocate;
+      table.lseek = lseek;
+      return table;
+    }();
+    return ops;
+  }
+};
+
+// ---- FuseExport.
+
+FuseExport::FuseExport(Loop& loop, const FuseExportOptions& options, std::string node_name)
+    : Export(options.id, std::move(node_name)),
+      loop_(loop),
+      mountpoint_(options.mountpoint),
+      writable_(options.writable),
+      growable_(options.growable),
+      max_slots_(std::max<uint32_t>(1, options.max_requests_in_flight)),
+      backend_(std::make_unique<block::BlockBackend>("block export '" + options.id + "'")),
+      mode_(options.writable ? 0600 : 0400),
+      uid_(getuid()),
+      gid_(getgid()) {
+  atime_ = mtime_ = ctime_ = now();
+}
+
+FuseExport::~FuseExport() {
+  stop_watchdog();
+  if (session_ != nullptr) {
+    if (mounted_) fuse_session_unmount(session_);
+    fuse_session_destroy(session_);
+  }
+}
+
+Expected<std::shared_ptr<FuseExport>> FuseExport::create(Loop& loop,
+                                                         const FuseExportOptions& options,
+                                                         std::shared_ptr<block::Node> node) {
+  if (options.writable && node->read_only()) {
+    return Status::generic("Cannot export read-only node as writable");
+  }
+  struct stat st;
+  if (stat(options.mountpoint.c_str(), &st) != 0) {
+    return Status::generic("Failed to stat '" + options.mountpoint + "': " + errno_text(-errno));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    return Status::generic("'" + options.mountpoint + "' is not a regular file");
+  }
+  std::shared_ptr<FuseExport> created(new FuseExport(loop, options, node->node_name()));
+  // As qemu-storage-daemon: consistent reads, writes when writable, resize when growable, and
+  // everything shared.
+  const uint32_t permissions = block::kPermConsistentRead |
+                               (options.writable ? block::kPermWrite : 0u) |
+                               (options.growable ? block::kPermResize : 0u);
+  BLOCKD_RETURN_IF_ERROR(created->backend_->attach(std::move(node), permissions, block::kPermAll));
+  created->backend_->set_writethrough(options.writethrough);
+
+  Status mounted = Status::generic("Failed to mount FUSE session to export");
+  if (options.allow_other != AllowOther::kOff) mounted = created->mount(true);
+  if (!mounted.is_ok() && options.allow_other != AllowOther::kOn) mounted = created->mount(false);
+  if (!mounted.is_ok()) {
+    created->backend_->detach();
+    return mounted;
+  }
+  loop.spawn(created->reader());
+  return created;
+}
+
+Status FuseExport::mount(bool allow_other) {
+  std::string mount_options = "max_read=" + std::to_string(kMaxTransfer) + ",default_permissions";
+  if (allow_other) mount_options += ",allow_other";
+  char program[] = "blockd";
+  char dash_o[] = "-o";
+  char* argv[] = {program, dash_o, mount_options.data(), nullptr};
+  fuse_args args = FUSE_ARGS_INIT(3, argv);
+  const fuse_lowlevel_ops& ops = Handlers::operations();
+  fuse_session* session = fuse_session_new(&args, &ops, sizeof ops, this);
+  fuse_opt_free_args(&args);
+  if (session == nullptr || fuse_session_mount(session, mountpoint_.c_str()) != 0) {
+    if (session != nullptr) fuse_session_destroy(session);
+    return Status::generic("Failed to mount FUSE session to export");
+  }
+  const int fd = fuse_session_fd(session);
+  const int flags = fcntl(fd, F_GETFL);
+  if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) {
+    fuse_session_unmount(session);
+    fuse_session_destroy(session);
+    return Status::generic("Failed to mount FUSE session to export");
+  }
+  session_ = session;
+  fd_ = fd;
+  mounted_ = true;
+  start_watchdog();
+  return Status::ok();
+}
+
+void FuseExport::start_watchdog() noexcept {
+  const std::string fusermount = find_fusermount();
+  if (fusermount.empty()) return;
+  int ends[2];
+  if (pipe2(ends, O_CLOEXEC) != 0) return;
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, ends[0], STDIN_FILENO);
+  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
+  posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
+  // The helper waits for end of file on its stdin, which comes when every copy of the pipe's
+  // write end is closed: when this process is gone, however it went.
+  const std::string script = "read -r line; exec \"$0\" -u -z -- \"$1\"";
+  char shell[] = "/bin/sh";
+  char dash_c[] = "-c";
+  std::string zero = fusermount;
+  std::string one = mountpoint_;
+  std::string body = script;
+  char* argv[] = {shell, dash_c, body.data(), zero.data(), one.data(), nullptr};
+  pid_t pid = -1;
+  const int spawned = posix_spawn(&pid, shell, &actions, nullptr, argv, environ);
+  posix_spawn_file_actions_destroy(&actions);
+  ::close(ends[0]);
+  if (spawned != 0) {
+    ::close(ends[1]);
+    return;
+  }
+  watchdog_pid_ = pid;
+  watchdog_pipe_ = ends[1];
+}
+
+void FuseExport::stop_watchdog() noexcept {
+  if (watchdog_pid_ > 0) {
+    kill(watchdog_pid_, SIGKILL);
+    while (waitpid(watchdog_pid_, nullptr, 0) < 0 && errno == EINTR) {
+    }
+    watchdog_pid_ = -1;
+  }
+  if (watchdog_pipe_ >= 0) {
+    ::close(watchdog_pipe_);
+    watchdog_pipe_ = -1;
+  }
+}
+
+FuseExport::Slot* FuseExport::take_slot() noexcept {
+  if (!free_.empty()) {
+    Slot* slot = free_.back();
+    free_.pop_back();
+    return slot;
+  }
+  if (slots_.size() >= max_slots_) return nullptr;
+  auto* memory = static_cast<uint8_t*>(std::aligned_alloc(kPage, kSlotBytes));
+  if (memory == nullptr) return nullptr;
+  slots_.push_back(std::make_unique<Slot>(memory));
+  return slots_.back().get();
+}
+
+void FuseExport::release_slot(Slot* slot) noexcept {
+  free_.push_back(slot);
+  if (progress_.has_waiters()) progress_.notify_all();
+}
+
+Task<void> FuseExport::reader() {
+  while (!stopping_) {
+    Slot* slot = take_slot();
+    if (slot == nullptr) {
+      // Every buffer is held by a request in flight (or memory ran out): wait for one.
+      co_await progress_.wait();
+      continue;
+    }
+    const ssize_t got = ::read(fd_, slot->request(), kRequestRoom);
+    if (got < 0) {
+      const int error = errno;
+      free_.push_back(slot);
+      // ENOENT: the request was interrupted before it could be read.
+      if (error == EINTR || error == ENOENT) continue;
+      if (error == EAGAIN) {
+        auto readable = loop_.poll(fd_, POLLIN);
+        pending_poll_ = &readable;
+        co_await readable;
+        pending_poll_ = nullptr;
+        continue;
+      }
+      break;  // ENODEV: the file system was unmounted and the connection ended
+    }
+    current_ = slot;
+    current_taken_ = false;
+    fuse_buf buffer{};
+    buffer.mem = slot->request();
+    buffer.size = static_cast<size_t>(got);
+    fuse_session_process_buf(session_, &buffer);
+    if (!current_taken_) free_.push_back(slot);
+    current_ = nullptr;
+    if (fuse_session_exited(session_)) break;
+  }
+  reader_done_ = true;
+  progress_.notify_all();
+}
+
+void FuseExport::fill_stat(struct stat& st) const noexcept {
+  std::memset(&st, 0, sizeof st);
+  st.st_ino = FUSE_ROOT_ID;
+  st.st_mode = S_IFREG | mode_;
+  st.st_nlink = 1;
+  st.st_uid = uid_;
+  st.st_gid = gid_;
+  st.st_size = backend_->size();
+  const int64_t allocated = backend_->root() ? backend_->root()->allocated_size() : -1;
+  st.st_blocks = (allocated >= 0 ? allocated : st.st_size + 511) / 512;
+  st.st_blksize = kPage;
+  st.st_atim = atime_;
+  st.st_mtim = mtime_;
+  st.st_ctim = ctime_;
+}
+
+Task<int64_t> FuseExport::resize(uint64_t size, bool only_grow) noexcept {
+  while (resizing_) co_await resize_done_.wait();
+  if (only_grow && static_cast<uint64_t>(backend_->size()) >= size) co_return 0;
+  block::Node* node = backend_->root();
+  if (node == nullptr) co_return -ENOMEDIUM;
+  resizing_ = true;
+  int64_t ret = 0;
+  // Like qemu-storage-daemon, a writable export resizes on request (truncate, fallocate) even when
+  // not growable, taking the resize permission just for that.
+  const uint32_t held = backend_->permissions();
+  const bool borrow = !(held & block::kPermResize);
+  if (borrow && !node->update_permissions(*backend_, held | block::kPermResize,
+                                          backend_->shared_permissions())
+                     .is_ok()) {
+    ret = -EPERM;
+  }
+  if (ret == 0) ret = co_await backend_->truncate(size);
+  if (borrow && ret != -EPERM) {
+    (void)node->update_permissions(*backend_, held, backend_->shared_permissions());
+  }
+  resizing_ = false;
+  resize_done_.notify_all();
+  co_return ret;
+}
+
+Task<int64_t> FuseExport::allocate(uint64_t offset, uint64_t length) noexcept {
+  // Holes are filled with zeroes, which must not land on data written meanwhile: hold writes
+  // back and wait for those in flight.
+  allocating_ = true;
+  while (writes_ > 0) co_await writes_changed_.wait();
+  int64_t ret = 0;
+  uint64_t position = offset;
+  const uint64_t end = offset + length;
+  while (position < end && ret >= 0) {
+    const block::BlockStatus status = co_await backend_->block_status(position, end - position);
+    if (status.bytes <= 0) {
+      ret = status.bytes < 0 ? status.bytes : -EIO;
+      break;
+    }
+    const uint64_t run = std::min<uint64_t>(static_cast<uint64_t>(status.bytes), end - position);
+    const bool hole = (status.flags & block::kStatusZero) && !(status.flags & block::kStatusData);
+    if (hole) ret = co_await backend_->write_zeroes(position, run, 0);
+    position += run;
+  }
+  allocating_ = false;
+  writes_changed_.notify_all();
+  co_return ret < 0 ? ret : 0;
+}
+
+Task<void> FuseExport::shut_down() {
+  set_shutting_down();
+  stop_watchdog();
+  if (mounted_) {
+    // On a helper thread: without root, unmounting runs fusermount3, which may look at the mount,
+    // and its requests must still be answered here.
+    bool unmounted = false;
+    Event done;
+    std::thread helper([this, &unmounted, &done] {
+      fuse_session_unmount(session_);
+      loop_.post([&unmounted, &done] {
+        unmounted = true;
+        done.notify_all();
+      });
+    });
+    while (!unmounted) co_await done.wait();
+    helper.join();
+    mounted_ = false;
+  }
+  // Processes that still hold the file open keep the connection alive after the unmount; they
+  // lose it when /dev/fuse is closed below.
+  stopping_ = true;
+  if (pending_poll_ != nullptr) loop_.cancel(pending_poll_);
+  progress_.notify_all();
+  while (!reader_done_ || handlers_ > 0) co_await progress_.wait();
+  co_await backend_->drain();
+  backend_->detach();
+  fuse_session_destroy(session_);
+  session_ = nullptr;
+  fd_ = -1;
+}
+
+}  // namespace blockd::exports::fuse

@@ -1,0 +1,136 @@
+// The FUSE export: a node shown as one regular file, mounted over an existing regular file, so
+// that ordinary tools (dd, cp, qemu-img, fio, a database) can use it.
+//
+// Implements the server side of the kernel's FUSE protocol (Documentation/filesystems/fuse.rst,
+// include/uapi/linux/fuse.h) through libfuse3's low-level API: libfuse mounts, negotiates INIT and
+// decodes requests; blockd reads the requests from /dev/fuse itself, on the node's loop, and
+// answers each one from its own coroutine, so many requests are in flight at once and none waits
+// for another. See fuse_export.cc for the details.
+//
+// Threads: a FuseExport lives on one loop (the node's, today the main loop); create it and call
+// every method there.
+#pragma once
+
+#include <sys/stat.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "block/backend.h"
+#include "block/node.h"
+#include "exports/export.h"
+#include "runtime/event.h"
+#include "runtime/loop.h"
+#include "runtime/status.h"
+#include "runtime/task.h"
+
+struct fuse_session;
+
+namespace blockd::exports::fuse {
+
+// BlockExportOptionsFuse's allow-other.
+enum class AllowOther { kOff, kOn, kAuto };
+
+struct FuseExportOptions {
+  std::string id;
+  // An existing regular file; the export is mounted over it.
+  std::string mountpoint;
+  bool writable = false;
+  bool writethrough = false;
+  // Writes past the end grow the node (and the resize permission is held for the export's life).
+  bool growable = false;
+  // kAuto: mount with allow_other when the system permits it, else without.
+  AllowOther allow_other = AllowOther::kAuto;
+  // Requests taken from /dev/fuse before one has been answered; each holds a buffer of a little
+  // over kMaxTransfer bytes, allocated when first needed.
+  uint32_t max_requests_in_flight = 64;
+};
+
+class FuseExport final : public Export {
+ public:
+  // The largest read or write the kernel sends in one request (its max_pages limit).
+  static constexpr uint32_t kMaxTransfer = 1u << 20;
+
+  // Checks the mountpoint, takes the node's permissions and mounts. Errors (GenericError), in
+  // qemu-storage-daemon's words:
+  //   "Failed to stat '<mountpoint>': <strerror>", "'<mountpoint>' is not a regular file",
+  //   "Cannot export read-only node as writable", "Failed to mount FUSE session to export",
+  // and permission conflicts on the node. Main loop.
+  static Expected<std::shared_ptr<FuseExport>> create(Loop& loop, const FuseExportOptions& options,
+                                                     std::shared_ptr<block::Node> node);
+  ~FuseExport() override;
+
+  std::string_view type_name() const noexcept override { return "fuse"; }
+  // Open files do not hold a FUSE export: removal unmounts it lazily (processes that still have
+  // the file open get ENOTCONN), as in qemu-storage-daemon.
+  size_t client_count() const noexcept override { return 0; }
+  // Unmounts, stops reading requests, waits for the ones in flight, closes /dev/fuse and releases
+  // the node.
+  Task<void> shut_down() override;
+
+  const std::string& mountpoint() const noexcept { return mountpoint_; }
+
+  // The request handlers (called by libfuse from process(); they reply themselves, possibly
+  // later). Public only so that fuse_export.cc's libfuse callbacks can reach them.
+  struct Slot;
+  struct Handlers;
+
+ private:
+  FuseExport(Loop& loop, const FuseExportOptions& options, std::string node_name);
+  Status mount(bool allow_other);
+  // A helper process (sh, then fusermount3 -u -z) that unmounts the file should this process die
+  // without unmounting it (SIGKILL, a crash). Nothing when fusermount3 is not installed.
+  void start_watchdog() noexcept;
+  void stop_watchdog() noexcept;
+  Task<void> reader();
+  Slot* take_slot() noexcept;
+  void release_slot(Slot* slot) noexcept;
+  void fill_stat(struct stat& st) const noexcept;
+  // Resizes the node to `size`, one resize at a time; takes the resize permission for the
+  // duration when the export does not hold it.
+  Task<int64_t> resize(uint64_t size, bool only_grow) noexcept;
+  // fallocate mode 0 inside the node: fills the holes of the range with allocated zeroes.
+  Task<int64_t> allocate(uint64_t offset, uint64_t length) noexcept;
+
+  Loop& loop_;
+  std::string mountpoint_;
+  bool writable_;
+  bool growable_;
+  uint32_t max_slots_;
+  std::unique_ptr<block::BlockBackend> backend_;
+  fuse_session* session_ = nullptr;
+  int fd_ = -1;
+  bool mounted_ = false;
+  pid_t watchdog_pid_ = -1;
+  int watchdog_pipe_ = -1;  // write end; the watchdog reads the other
+
+  // File attributes the kernel may change with setattr (chmod, chown, touch).
+  mode_t mode_;
+  uid_t uid_;
+  gid_t gid_;
+  timespec atime_{};
+  timespec mtime_{};
+  timespec ctime_{};
+
+  // Request buffers: `slots_` owns them, `free_` lists those not held by a request.
+  std::vector<std::unique_ptr<Slot>> slots_;
+  std::vector<Slot*> free_;
+  Slot* current_ = nullptr;  // the buffer of the request being decoded by libfuse
+  bool current_taken_ = false;
+  uint32_t handlers_ = 0;  // requests being answered by a coroutine
+  Event progress_;         // a handler finished, a slot came free, or the reader stopped
+  Completion* pending_poll_ = nullptr;
+  bool stopping_ = false;
+  bool reader_done_ = false;
+
+  // Resizes one at a time; plain allocation (fallocate mode 0) waits for in-flight writes and
+  // holds new ones back, so that filling holes with zeroes cannot overwrite fresh data.
+  bool resizing_ = false;
+  Event resize_done_;
+  uint32_t writes_ = 0;
+  bool allocating_ = false;
+  Event writes_changed_;
+};
+
+}  // namespace blockd::exports::fuse

@@ -1,0 +1,458 @@
+"""The FUSE export on the kernel's FUSE: blockd-daemon mounts a node over a regular file, and
+ordinary tools (dd, cmp, fio, qemu-img, plain system calls) check what they see through it.
+
+Each test reads like a session: start the daemon with a file node, export it (on the command line
+or over QMP), use the mounted file, and check the data on the image underneath with an
+independent path (the image file itself). Where qemu-storage-daemon gives an error for the same
+mistake, the test compares the two messages.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+
+
+def _fuse_unavailable() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing (no FUSE in this kernel or container)"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return "/dev/fuse is not readable and writable by this user"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is missing (Debian package fuse3)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_fuse_unavailable() is not None, reason=str(_fuse_unavailable()))
+
+MiB = 1 << 20
+Daemon = Callable[..., Any]
+
+
+def fuse_mounts() -> dict[str, str]:
+    """Mount point -> mount options of every FUSE mount this process can see."""
+    mounts = {}
+    with open("/proc/self/mountinfo") as info:
+        for line in info:
+            fields = line.split()
+            separator = fields.index("-")
+            if fields[separator + 1].startswith("fuse"):
+                point = fields[4].encode().decode("unicode_escape")
+                mounts[point] = fields[5] + "," + fields[separator + 3]
+    return mounts
+
+
+def is_mounted(path: Path) -> bool:
+    return str(path) in fuse_mounts()
+
+
+def wait_unmounted(path: Path, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while is_mounted(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def make_image(path: Path, size: int, data: bytes | None = None) -> bytes:
+    """A raw image of `size` bytes filled with `data` (random when None); returns the content."""
+    content = data if data is not None else os.urandom(size)
+    path.write_bytes(content)
+    return content
+
+
+class Setup:
+    """An image, a mount point and a daemon exporting the image's file node."""
+
+    def __init__(self, tmp_path: Path, daemon: Daemon, size: int = 4 * MiB, data: bytes | None = None,
+                 image_name: str = "disk.raw") -> None:
+        self.image = tmp_path / image_name
+        self.content = make_image(self.image, size, data)
+        self.mountpoint = tmp_path / "mnt"
+        self.mountpoint.touch()
+        self.daemon_factory = daemon
+        self.proc: Any = None
+
+    def start(self, *extra: str, export: str | None = None) -> Any:
+        args = ["--blockdev", f"file,node-name=file0,filename={self.image}", *extra]
+        if export is not None:
+            args += ["--export", f"fuse,id=exp0,node-name=file0,mountpoint={self.mountpoint}" + export]
+        self.proc = self.daemon_factory(*args)
+        return self.proc
+
+    def add(self, **options: Any) -> None:
+        arguments = {"type": "fuse", "id": "exp0", "node-name": "file0", "mountpoint": str(self.mountpoint)}
+        arguments.update({key.replace("_", "-"): value for key, value in options.items()})
+        self.proc.qmp.command("block-export-add", arguments)
+
+    def delete(self, id: str = "exp0") -> None:
+        self.proc.qmp.command("block-export-del", id=id)
+        self.proc.qmp.event_wait("BLOCK_EXPORT_DELETED", timeout=10, match={"data": {"id": id}})
+
+
+@pytest.fixture
+def setup(tmp_path: Path, daemon: Daemon) -> Setup:
+    return Setup(tmp_path, daemon)
+
+
+def run(*command: str | Path, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(part) for part in command], capture_output=True, text=True, check=check,
+                          timeout=timeout)
+
+
+# ---- Data through ordinary tools.
+
+
+def test_dd_and_cmp_round_trip(setup: Setup, tmp_path: Path) -> None:
+    setup.start(export=",writable=on")
+    assert is_mounted(setup.mountpoint)
+    expected = tmp_path / "expected.raw"
+    expected.write_bytes(setup.content)
+    run("cmp", setup.mountpoint, expected)
+
+    # dd writes 1 MiB at 1 MiB (direct I/O) and 3 odd-sized blocks at an unaligned offset.
+    patch = os.urandom(MiB)
+    (tmp_path / "patch").write_bytes(patch)
+    run("dd", f"if={tmp_path / 'patch'}", f"of={setup.mountpoint}", "bs=1M", "seek=1", "conv=notrunc",
+        "oflag=direct", "status=none")
+    small = os.urandom(3 * 1000)
+    (tmp_path / "small").write_bytes(small)
+    run("dd", f"if={tmp_path / 'small'}", f"of={setup.mountpoint}", "bs=1000", "seek=3333", "conv=notrunc",
+        "status=none")
+    model = bytearray(setup.content)
+    model[MiB:2 * MiB] = patch
+    model[3333000:3336000] = small
+    expected.write_bytes(model)
+    run("cmp", setup.mountpoint, expected)
+    # What dd wrote reached the image underneath, and reads back through dd.
+    assert setup.image.read_bytes() == bytes(model)
+    run("dd", f"if={setup.mountpoint}", f"of={tmp_path / 'back'}", "bs=1M", "skip=1", "count=1",
+        "iflag=direct", "status=none")
+    assert (tmp_path / "back").read_bytes() == patch
+
+
+def test_qemu_img_info_and_compare(setup: Setup, tmp_path: Path) -> None:
+    if shutil.which("qemu-img") is None:
+        pytest.skip("qemu-img is missing (Debian package qemu-utils)")
+    setup.start(export="")
+    info = run("qemu-img", "info", "-U", "--output=json", "-f", "raw", setup.mountpoint).stdout
+    assert '"virtual-size": 4194304' in info
+    copy = tmp_path / "copy.raw"
+    copy.write_bytes(setup.content)
+    run("qemu-img", "compare", "-U", "-f", "raw", "-F", "raw", setup.mountpoint, copy)
+    copy.write_bytes(setup.content[:-1] + bytes([setup.content[-1] ^ 1]))
+    differs = run("qemu-img", "compare", "-U", "-f", "raw", "-F", "raw", setup.mountpoint, copy, check=False)
+    assert differs.returncode == 1, differs.stdout + differs.stderr
+
+
+@pytest.mark.parametrize("engine", ["io_uring", "psync"])
+def test_fio_writes_and_verifies(setup: Setup, engine: str) -> None:
+    if shutil.which("fio") is None:
+        pytest.skip("fio is missing (Debian package fio)")
+    setup.start(export=",writable=on")
+    depth = ["--iodepth=16"] if engine == "io_uring" else ["--numjobs=1"]
+    job = ["fio", "--name=verify", f"--filename={setup.mountpoint}", f"--ioengine={engine}", "--direct=1",
+           "--rw=randwrite", "--bsrange=4k-256k", "--size=4M", "--verify=crc32c", "--verify_fatal=1",
+           "--do_verify=1", "--randrepeat=0", *depth]
+    result = run(*job, check=False, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "verify: bad" not in result.stdout + result.stderr
+
+
+def test_many_concurrent_readers_and_writers(setup: Setup) -> None:
+    setup.start(export=",writable=on")
+    chunk = 64 * 1024
+    regions = 4 * MiB // chunk
+    patterns = [os.urandom(chunk) for _ in range(regions)]
+    errors: list[BaseException] = []
+
+    def writer(index: int) -> None:
+        try:
+            fd = os.open(setup.mountpoint, os.O_WRONLY)
+            try:
+                for region in range(index, regions, 8):
+                    assert os.pwrite(fd, patterns[region], region * chunk) == chunk
+            finally:
+                os.close(fd)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    def reader() -> None:
+        try:
+            fd = os.open(setup.mountpoint, os.O_RDONLY)
+            try:
+                for offset in range(0, 4 * MiB, 256 * 1024):
+                    assert len(os.pread(fd, 256 * 1024, offset)) == 256 * 1024
+            finally:
+                os.close(fd)
+        except BaseException as error:  # noqa: BLE001
+            errors.append(error)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    threads += [threading.Thread(target=reader) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    written = b"".join(patterns)
+    assert Path(setup.mountpoint).read_bytes() == written
+    assert setup.image.read_bytes() == written
+
+
+# ---- File semantics.
+
+
+def test_seek_data_and_seek_hole(setup: Setup, tmp_path: Path) -> None:
+    image = tmp_path / "sparse.raw"
+    with open(image, "wb") as f:
+        f.truncate(4 * MiB)
+        f.seek(MiB)
+        f.write(b"x" * 65536)
+        f.seek(3 * MiB)
+        f.write(b"y" * 65536)
+    fd = os.open(image, os.O_RDONLY)
+    sparse = os.lseek(fd, 0, os.SEEK_DATA) == MiB
+    os.close(fd)
+    if not sparse:
+        pytest.skip(f"the file system under {tmp_path} does not report holes")
+    setup.image = image
+    setup.start(export="")
+    fd = os.open(setup.mountpoint, os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_DATA) == MiB
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == 0
+        assert os.lseek(fd, MiB + 100, os.SEEK_HOLE) == MiB + 65536
+        assert os.lseek(fd, MiB + 65536, os.SEEK_DATA) == 3 * MiB
+        assert os.lseek(fd, 3 * MiB, os.SEEK_HOLE) == 3 * MiB + 65536
+        with pytest.raises(OSError) as info:
+            os.lseek(fd, 3 * MiB + 65536, os.SEEK_DATA)
+        assert info.value.errno == errno.ENXIO
+        assert os.lseek(fd, 0, os.SEEK_END) == 4 * MiB
+    finally:
+        os.close(fd)
+
+
+def test_growable_off_refuses_writes_past_the_end(setup: Setup) -> None:
+    setup.start(export=",writable=on")
+    fd = os.open(setup.mountpoint, os.O_RDWR)
+    try:
+        # A write that starts inside and runs past the end is cut short; one at the end fails.
+        assert os.pwrite(fd, b"z" * 8192, 4 * MiB - 4096) == 4096
+        with pytest.raises(OSError) as info:
+            os.pwrite(fd, b"z" * 4096, 4 * MiB)
+        assert info.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    assert os.stat(setup.mountpoint).st_size == 4 * MiB
+    assert setup.image.stat().st_size == 4 * MiB
+    assert setup.image.read_bytes()[-4096:] == b"z" * 4096
+
+
+def test_growable_on_grows_the_node(setup: Setup) -> None:
+    setup.start(export=",writable=on,growable=on")
+    fd = os.open(setup.mountpoint, os.O_RDWR)
+    try:
+        assert os.pwrite(fd, b"g" * 4096, 5 * MiB) == 4096
+    finally:
+        os.close(fd)
+    assert os.stat(setup.mountpoint).st_size == 5 * MiB + 4096
+    assert setup.image.stat().st_size == 5 * MiB + 4096
+    data = setup.image.read_bytes()
+    assert data[:4 * MiB] == setup.content
+    assert data[4 * MiB:5 * MiB] == bytes(MiB)
+    assert data[5 * MiB:] == b"g" * 4096
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def test_truncate_fallocate_and_fsync(setup: Setup) -> None:
+    setup.start(export=",writable=on")
+    fd = os.open(setup.mountpoint, os.O_RDWR)
+    try:
+        # Punch hole: the range reads as zeroes (and the image underneath too).
+        _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, MiB, 65536)
+        assert os.pread(fd, 65536, MiB) == bytes(65536)
+        # Zero range without KEEP_SIZE past the end grows the file.
+        _fallocate(fd, FALLOC_FL_ZERO_RANGE, 4 * MiB - 4096, 8192)
+        assert os.fstat(fd).st_size == 4 * MiB + 4096
+        assert os.pread(fd, 8192, 4 * MiB - 4096) == bytes(8192)
+        # Plain allocation keeps the data.
+        _fallocate(fd, 0, 0, 2 * MiB)
+        assert os.pread(fd, 4096, 0) == setup.content[:4096]
+        with pytest.raises(OSError) as info:
+            _fallocate(fd, FALLOC_FL_COLLAPSE_RANGE, 0, 4096)
+        assert info.value.errno == errno.EOPNOTSUPP
+        os.fsync(fd)
+        # truncate shrinks and grows the node even when not growable (as qemu-storage-daemon).
+        os.ftruncate(fd, 2 * MiB)
+        assert os.fstat(fd).st_size == 2 * MiB
+        assert setup.image.stat().st_size == 2 * MiB
+        os.ftruncate(fd, 3 * MiB)
+        assert os.pread(fd, 4096, 2 * MiB) == bytes(4096)
+    finally:
+        os.close(fd)
+    data = setup.image.read_bytes()
+    assert len(data) == 3 * MiB
+    assert data[MiB:MiB + 65536] == bytes(65536)
+    assert data[:MiB] == setup.content[:MiB]
+
+
+def test_read_only_export_refuses_writes(setup: Setup) -> None:
+    setup.start(export="")
+    mode = stat.S_IMODE(os.stat(setup.mountpoint).st_mode)
+    assert mode == 0o400
+    # Even root, whom the kernel lets past the mode, is refused.
+    for flags in (os.O_RDWR, os.O_WRONLY):
+        with pytest.raises(PermissionError):
+            os.open(setup.mountpoint, flags)
+    with pytest.raises(PermissionError):
+        os.truncate(setup.mountpoint, MiB)
+    with pytest.raises(OSError) as info:
+        os.chmod(setup.mountpoint, 0o600)
+    assert info.value.errno == errno.EROFS
+    assert setup.image.read_bytes() == setup.content
+
+
+def test_mode_shows_writable_and_chmod_sticks(setup: Setup) -> None:
+    setup.start(export=",writable=on")
+    assert stat.S_IMODE(os.stat(setup.mountpoint).st_mode) == 0o600
+    os.chmod(setup.mountpoint, 0o640)
+    assert stat.S_IMODE(os.stat(setup.mountpoint).st_mode) == 0o640
+    st = os.stat(setup.mountpoint)
+    assert st.st_size == 4 * MiB
+    assert st.st_blocks * 512 >= 4 * MiB  # the image is fully written
+
+
+# ---- QMP: creation errors, query, deletion.
+
+
+def _errors(proc: Any, mountpoint: Path, tmp_path: Path) -> list[str]:
+    directory = tmp_path / "dir"
+    directory.mkdir(exist_ok=True)
+    messages = []
+    for point in (directory, tmp_path / "missing"):
+        reply = proc.qmp.cmd("block-export-add", {"type": "fuse", "id": "bad", "node-name": "file0",
+                                                  "mountpoint": str(point)})
+        messages.append(f"{reply['error']['class']}: {reply['error']['desc']}")
+    proc.qmp.command("block-export-add", {"type": "fuse", "id": "exp0", "node-name": "file0",
+                                          "mountpoint": str(mountpoint)})
+    reply = proc.qmp.cmd("block-export-add", {"type": "fuse", "id": "exp1", "node-name": "file0",
+                                              "mountpoint": str(mountpoint)})
+    messages.append(f"{reply['error']['class']}: {reply['error']['desc']}")
+    reply = proc.qmp.cmd("block-export-add", {"type": "fuse", "id": "exp2", "node-name": "ro",
+                                              "mountpoint": str(mountpoint), "writable": True})
+    messages.append(f"{reply['error']['class']}: {reply['error']['desc']}")
+    return messages
+
+
+@pytest.mark.requires_qsd
+def test_bad_mountpoints_fail_as_in_qsd(tmp_path: Path, daemon: Daemon, qsd: Daemon) -> None:
+    image = tmp_path / "disk.raw"
+    make_image(image, MiB)
+    found = {}
+    for name, factory in (("blockd", daemon), ("qsd", qsd)):
+        mountpoint = tmp_path / f"mnt-{name}"
+        mountpoint.touch()
+        proc = factory("--blockdev", f"file,node-name=file0,filename={image},locking=off",
+                       "--blockdev", f"file,node-name=ro,filename={image},read-only=on,locking=off")
+        found[name] = [message.replace(str(tmp_path), "TMP").replace(f"mnt-{name}", "mnt")
+                       for message in _errors(proc, mountpoint, tmp_path)]
+        proc.qmp.command("block-export-del", id="exp0")
+        proc.qmp.event_wait("BLOCK_EXPORT_DELETED", timeout=10)
+        assert wait_unmounted(mountpoint)
+    assert found["blockd"] == found["qsd"]
+    assert found["blockd"][:3] == [
+        "GenericError: 'TMP/dir' is not a regular file",
+        "GenericError: Failed to stat 'TMP/missing': No such file or directory",
+        "GenericError: There already is a FUSE export on 'TMP/mnt'",
+    ]
+
+
+def test_query_and_delete_while_a_process_holds_the_file(setup: Setup) -> None:
+    proc = setup.start()
+    setup.add(writable=True)
+    exports = proc.qmp.command("query-block-exports")
+    assert exports == [{"id": "exp0", "type": "fuse", "node-name": "file0", "shutting-down": False}]
+    holder = os.open(setup.mountpoint, os.O_RDONLY)
+    try:
+        assert os.pread(holder, 4096, 0) == setup.content[:4096]
+        setup.delete()
+        assert not is_mounted(setup.mountpoint)
+        assert proc.qmp.command("query-block-exports") == []
+        # The file underneath is back; the holder's descriptor lost its connection.
+        assert os.stat(setup.mountpoint).st_size == 0
+        with pytest.raises(OSError) as info:
+            os.pread(holder, 4096, 0)
+        assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
+    finally:
+        try:
+            os.close(holder)
+        except OSError as error:  # closing reports the lost connection too
+            assert error.errno == errno.ENOTCONN
+    # The id and the mount point can be used again.
+    setup.add()
+    assert is_mounted(setup.mountpoint)
+
+
+@pytest.mark.parametrize("allow_other", ["off", "on", "auto"])
+def test_allow_other(setup: Setup, allow_other: str) -> None:
+    setup.start(export=f",allow-other={allow_other}")
+    options = fuse_mounts()[str(setup.mountpoint)]
+    if allow_other == "auto" and os.geteuid() != 0:
+        pytest.skip("auto depends on user_allow_other in /etc/fuse.conf when not root")
+    # Root may always use allow_other, so auto means on here.
+    assert ("allow_other" in options) == (allow_other != "off")
+
+
+# ---- Lifetime: the daemon never leaves its mount behind.
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "quit"])
+def test_daemon_exit_unmounts(setup: Setup, how: str) -> None:
+    proc = setup.start(export=",writable=on")
+    assert is_mounted(setup.mountpoint)
+    if how == "quit":
+        assert proc.quit() == 0
+    else:
+        proc.send_signal(getattr(signal, how))
+        assert proc.wait() == 0
+    assert not is_mounted(setup.mountpoint)
+    assert os.stat(setup.mountpoint).st_size == 0
+
+
+def test_kill_9_leaves_no_stale_mount(setup: Setup) -> None:
+    proc = setup.start(export=",writable=on")
+    assert is_mounted(setup.mountpoint)
+    proc.proc.kill()
+    proc.wait()
+    proc.expected_status = None
+    # The export's watchdog process runs fusermount3 -u -z once the daemon is gone.
+    if not wait_unmounted(setup.mountpoint, timeout=10):
+        run("fusermount3", "-u", setup.mountpoint, check=False)
+        pytest.fail("kill -9 left the FUSE mount behind (recovered with fusermount3 -u)")
