@@ -251,6 +251,8 @@ def main() -> int:
     parser.add_argument("--output", default=str(REPO / "bench/RESULTS.md"))
     parser.add_argument("--notes", default="", help="Markdown file appended to the report")
     parser.add_argument("--fio", default=shutil.which("fio") or "fio")
+    parser.add_argument("--keep-image", action="store_true",
+                        help="keep the image for the next run (default: remove it at the end)")
     args = parser.parse_args()
     args.runtime = args.runtime or (3 if args.quick else 10)
     args.blockd = shlex.split(args.blockd) if args.blockd else [common.blockd_daemon()]
@@ -273,6 +275,8 @@ def main() -> int:
                     value = (f"{entry.bandwidth / (1 << 20):.0f} MiB/s" if "1m" in workload.key
                              else f"{entry.iops:.0f} IOPS")
                     print(f"rep {rep} {workload.key:28} {target:7} {entry.error or value}", flush=True)
+    if not args.keep_image:
+        os.unlink(args.image)
     text = report(runs, workloads, args, started)
     with open(args.output, "a") as out:
         out.write(text)
