@@ -5,7 +5,9 @@
 #include <linux/falloc.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
+#include <linux/magic.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -35,6 +37,9 @@ constexpr uint64_t kMaxSingleTransfer = 1u << 30;
 // Size of a bounce buffer for unaligned O_DIRECT requests, and how many idle ones a node keeps.
 constexpr uint64_t kBounceSize = 1u << 20;
 constexpr size_t kBouncePoolLimit = 4;
+// Largest read or write served inline on the loop for a file held in memory (see
+// FileNode::inline_io_); a copy of this size takes tens of microseconds.
+constexpr uint64_t kMaxInlineTransfer = 1u << 20;
 
 // Places (F_RDLCK) or releases (F_UNLCK) this open file description's lock on one byte.
 int set_lock_byte(int fd, off_t byte, short type) {
@@ -146,6 +151,10 @@ class FileNode final : public block::Node {
     ~BounceLease() { node->release_bounce(std::move(buffer)); }
   };
 
+  // One blocking system call: what a worker thread (aio=threads) or, for a file in memory, the
+  // loop itself runs. `extra` is the RWF_* flags of a write or the mode of a fallocate.
+  static int64_t blocking_call(int fd, Op op, char* buffer, uint64_t length, uint64_t offset,
+                               int extra) noexcept;
   // One system call (or io_uring operation): the primitive every request is built from.
   Task<int64_t> once(Op op, char* buffer, uint64_t length, uint64_t offset, int extra) noexcept;
   // Reads `length` bytes, retrying short reads; zeroes what lies beyond the end of the file.
@@ -186,6 +195,12 @@ class FileNode final : public block::Node {
   uint64_t data_extent_start_ = 0;
   uint64_t data_extent_end_ = 0;
   bool use_threads_ = false;
+  // The file lives in memory (tmpfs, ramfs, hugetlbfs): reads and writes are copies to or from
+  // the page cache that never wait for a device. io_uring cannot run them without blocking (these
+  // file systems offer no non-blocking I/O), so it hands each one to a kernel worker thread, two
+  // context switches per request; a plain system call on the loop is cheaper. Sizes above
+  // kMaxInlineTransfer still go through io_uring so that one request cannot stall the loop.
+  bool inline_io_ = false;
   bool use_lock_ = false;
   bool dsync_supported_ = true;
   uint32_t alignment_ = 1;         // offsets and lengths
@@ -204,6 +219,11 @@ class FileNode final : public block::Node {
 
 Status FileNode::init() {
   use_threads_ = file_options_.aio == FileOptions::Aio::kThreads;
+  struct statfs fs {};
+  if (!use_threads_ && fstatfs(fd_, &fs) == 0) {
+    const auto type = static_cast<unsigned long>(fs.f_type);
+    inline_io_ = type == TMPFS_MAGIC || type == RAMFS_MAGIC || type == HUGETLBFS_MAGIC;
+  }
 
   struct stat st;
   if (fstat(fd_, &st) != 0) {
@@ -325,34 +345,42 @@ void FileNode::apply_permissions(uint32_t permissions, uint32_t shared) {
 
 // ---- I/O primitives.
 
+int64_t FileNode::blocking_call(int fd, Op op, char* buffer, uint64_t length, uint64_t offset,
+                                int extra) noexcept {
+  ssize_t ret = -1;
+  switch (op) {
+    case Op::kRead:
+      ret = pread(fd, buffer, length, static_cast<off_t>(offset));
+      break;
+    case Op::kWrite: {
+      if (extra == 0) {
+        ret = pwrite(fd, buffer, length, static_cast<off_t>(offset));
+      } else {
+        iovec vector{buffer, length};
+        ret = pwritev2(fd, &vector, 1, static_cast<off_t>(offset), extra);
+      }
+      break;
+    }
+    case Op::kSync:
+      ret = fdatasync(fd);
+      break;
+    case Op::kFallocate:
+      ret = ::fallocate(fd, extra, static_cast<off_t>(offset), static_cast<off_t>(length));
+      break;
+  }
+  return ret < 0 ? -errno : ret;
+}
+
 Task<int64_t> FileNode::once(Op op, char* buffer, uint64_t length, uint64_t offset,
                              int extra) noexcept {
   const int fd = fd_;
   if (use_threads_) {
     co_return co_await RunInThread(loop(), [=]() noexcept -> int64_t {
-      ssize_t ret = -1;
-      switch (op) {
-        case Op::kRead:
-          ret = pread(fd, buffer, length, static_cast<off_t>(offset));
-          break;
-        case Op::kWrite: {
-          if (extra == 0) {
-            ret = pwrite(fd, buffer, length, static_cast<off_t>(offset));
-          } else {
-            iovec vector{buffer, length};
-            ret = pwritev2(fd, &vector, 1, static_cast<off_t>(offset), extra);
-          }
-          break;
-        }
-        case Op::kSync:
-          ret = fdatasync(fd);
-          break;
-        case Op::kFallocate:
-          ret = ::fallocate(fd, extra, static_cast<off_t>(offset), static_cast<off_t>(length));
-          break;
-      }
-      return ret < 0 ? -errno : ret;
+      return blocking_call(fd, op, buffer, length, offset, extra);
     });
+  }
+  if (inline_io_ && op != Op::kFallocate && length <= kMaxInlineTransfer) {
+    co_return blocking_call(fd, op, buffer, length, offset, extra);
   }
   switch (op) {
     case Op::kRead:

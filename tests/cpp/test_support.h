@@ -46,13 +46,13 @@ inline void run(Loop& loop, Task<void> task) {
   loop.run_until([&] { return finished; });
 }
 
-// A private directory under /var/tmp (a disk file system: O_DIRECT, holes and OFD locks work),
-// removed with its contents at the end of the test.
+// A private directory, by default under /var/tmp (a disk file system: O_DIRECT, holes and OFD
+// locks work), removed with its contents at the end of the test.
 class TempDir {
  public:
-  TempDir() {
-    char name[] = "/var/tmp/blockd-test-XXXXXX";
-    if (mkdtemp(name) == nullptr) ADD_FAILURE() << "mkdtemp failed";
+  explicit TempDir(const std::string& parent = "/var/tmp") {
+    std::string name = parent + "/blockd-test-XXXXXX";
+    if (mkdtemp(name.data()) == nullptr) ADD_FAILURE() << "mkdtemp in " << parent << " failed";
     path_ = name;
   }
   ~TempDir() {

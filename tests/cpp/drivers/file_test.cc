@@ -6,8 +6,10 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <linux/fs.h>
+#include <linux/magic.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -587,6 +589,48 @@ TEST_P(FileTest, LocksAgainstQemuIo) {
   std::tie(code, output) = shell("qemu-io -f raw -c 'write -P 0x55 0 512' " + path_);
   EXPECT_EQ(code, 0) << output;
   EXPECT_EQ(on_disk(0, 512), std::vector<char>(512, 0x55));
+}
+
+// A file on tmpfs is read and written with plain system calls on the loop (io_uring would hand
+// each request to a kernel worker); requests above 1 MiB still go through io_uring.
+TEST(FileInMemoryTest, RandomIoSmallAndLargeRequests) {
+  struct statfs fs {};
+  if (statfs("/dev/shm", &fs) != 0 || static_cast<unsigned long>(fs.f_type) != TMPFS_MAGIC) {
+    GTEST_SKIP() << "/dev/shm is not a tmpfs here";
+  }
+  testing::TempDir dir("/dev/shm");
+  const std::string path = dir.file("img");
+  std::vector<char> model(8 << 20);
+  for (size_t i = 0; i < model.size(); ++i) model[i] = static_cast<char>(i % 253);
+  {
+    int fd = open(path.c_str(), O_CREAT | O_TRUNC | O_RDWR, 0644);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(pwrite(fd, model.data(), model.size(), 0), static_cast<ssize_t>(model.size()));
+    close(fd);
+  }
+  auto loop = testing::make_loop();
+  block::NodeOptions common;
+  common.node_name = "shm0";
+  FileOptions options;
+  options.filename = path;
+  auto opened = open_file_node(common, options, *loop);
+  ASSERT_TRUE(opened.has_value()) << opened.status().message();
+  block::Node& file = **opened;
+  random_io(*loop, file, model, 7);
+  std::vector<char> large(3 << 20);
+  for (size_t i = 0; i < large.size(); ++i) large[i] = static_cast<char>(i * 13);
+  EXPECT_EQ(run(*loop, file.write(1 << 20, large.size(), large.data(), block::kRequestFua)), 0);
+  std::memcpy(model.data() + (1 << 20), large.data(), large.size());
+  std::vector<char> back(model.size());
+  EXPECT_EQ(run(*loop, file.read(0, back.size(), back.data(), 0)), 0);
+  EXPECT_EQ(back, model);
+  EXPECT_EQ(run(*loop, file.flush()), 0);
+  int fd = open(path.c_str(), O_RDONLY);
+  ASSERT_GE(fd, 0);
+  std::vector<char> on_disk(model.size());
+  EXPECT_EQ(pread(fd, on_disk.data(), on_disk.size(), 0), static_cast<ssize_t>(on_disk.size()));
+  close(fd);
+  EXPECT_EQ(on_disk, model);
 }
 
 INSTANTIATE_TEST_SUITE_P(Aio, FileTest,
