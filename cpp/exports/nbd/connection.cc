@@ -107,7 +107,9 @@ Task<bool> Connection::read_exact(void* buffer, size_t length) {
     if (!direct && !receive_buffer_) receive_buffer_.reset(new uint8_t[kReceiveBufferSize]);
     uint8_t* target = direct ? out : receive_buffer_.get();
     const size_t room = direct ? length : kReceiveBufferSize;
-    const int got = co_await loop_.recv(fd_, target, room, 0);
+    // A direct read waits for the whole remainder (MSG_WAITALL): one completion per payload
+    // instead of one per socket buffer's worth.
+    const int got = co_await loop_.recv(fd_, target, room, direct ? MSG_WAITALL : 0);
     if (got <= 0) {
       if (got == -EINTR || got == -EAGAIN) continue;
       co_return false;
