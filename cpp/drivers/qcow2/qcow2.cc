@@ -1,0 +1,1074 @@
+// The qcow2 format driver: open, the data path, the metadata cache and refcounts. See qcow2.h for
+// what is supported and qcow2_node.h for the locking and metadata ordering rules.
+#include "drivers/qcow2/qcow2.h"
+
+#include <zlib.h>
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+
+#include "drivers/qcow2/qcow2_node.h"
+#include "drivers/qemu_json.h"
+
+namespace blockd::drivers {
+namespace qcow2 {
+
+using block::BlockStatus;
+
+// ---- AsyncRwLock
+
+Task<void> AsyncRwLock::lock_shared() noexcept {
+  while (writer_ || waiting_writers_ > 0) co_await changed_.wait();
+  ++readers_;
+}
+
+void AsyncRwLock::unlock_shared() noexcept {
+  if (--readers_ == 0) changed_.notify_all();
+}
+
+Task<void> AsyncRwLock::lock() noexcept {
+  ++waiting_writers_;
+  while (writer_ || readers_ > 0) co_await changed_.wait();
+  --waiting_writers_;
+  writer_ = true;
+}
+
+void AsyncRwLock::unlock() noexcept {
+  writer_ = false;
+  changed_.notify_all();
+}
+
+// ---- MetadataCache
+
+TablePtr MetadataCache::find(uint64_t offset) noexcept {
+  auto it = entries_.find(offset);
+  if (it == entries_.end()) return nullptr;
+  it->second->last_use = ++clock_;
+  return it->second;
+}
+
+void MetadataCache::insert(const TablePtr& table) {
+  table->last_use = ++clock_;
+  entries_[table->offset] = table;
+}
+
+std::vector<TablePtr> MetadataCache::dirty_tables() const {
+  std::vector<TablePtr> out;
+  for (const auto& [offset, table] : entries_) {
+    if (table->dirty) out.push_back(table);
+  }
+  // Ascending offsets: sequential writes.
+  std::sort(out.begin(), out.end(), [](auto& a, auto& b) { return a->offset < b->offset; });
+  return out;
+}
+
+bool MetadataCache::has_dirty() const noexcept {
+  for (const auto& [offset, table] : entries_) {
+    if (table->dirty) return true;
+  }
+  return false;
+}
+
+void MetadataCache::trim() {
+  while (entries_.size() > capacity_) {
+    auto victim = entries_.end();
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (it->second->dirty) continue;
+      if (victim == entries_.end() || it->second->last_use < victim->second->last_use) victim = it;
+    }
+    if (victim == entries_.end()) return;  // only dirty entries left
+    entries_.erase(victim);
+  }
+}
+
+// ---- Node basics
+
+namespace {
+
+// An RAII holder for the node lock inside a coroutine frame.
+class SharedGuard {
+ public:
+  explicit SharedGuard(AsyncRwLock& lock) : lock_(&lock) {}
+  ~SharedGuard() {
+    if (lock_) lock_->unlock_shared();
+  }
+  void release() {
+    if (lock_) lock_->unlock_shared();
+    lock_ = nullptr;
+  }
+
+ private:
+  AsyncRwLock* lock_;
+};
+
+class ExclusiveGuard {
+ public:
+  explicit ExclusiveGuard(AsyncRwLock& lock) : lock_(&lock) {}
+  ~ExclusiveGuard() { lock_->unlock(); }
+
+ private:
+  AsyncRwLock* lock_;
+};
+
+uint64_t div_round_up(uint64_t value, uint64_t divisor) { return (value + divisor - 1) / divisor; }
+
+}  // namespace
+
+Qcow2Node::Qcow2Node(block::NodeOptions common, const Qcow2Options& options)
+    : Node(std::move(common)), qcow2_options_(options) {
+  discard_passthrough_[0] = options.pass_discard_request.value_or(options_.discard == "unmap");
+  discard_passthrough_[1] = options.pass_discard_snapshot.value_or(true);
+  discard_passthrough_[2] = options.pass_discard_other.value_or(false);
+}
+
+std::string Qcow2Node::filename() const {
+  std::string name = file().filename();
+  if (name.rfind("json:", 0) == 0) return json_filename(open_options());
+  return name;
+}
+
+nlohmann::json Qcow2Node::open_options() const {
+  nlohmann::json options = {{"driver", "qcow2"}, {"file", file().open_options()}};
+  if (backing_) options["backing"] = backing_->node()->open_options();
+  return options;
+}
+
+void Qcow2Node::child_permissions(const block::Child& child, uint32_t permissions,
+                                  uint32_t shared, uint32_t& child_permissions,
+                                  uint32_t& child_shared) const {
+  if (&child == backing_ || child.name() == "backing") {
+    // A backing file is only read; others may do anything but change it under us.
+    child_permissions = block::kPermConsistentRead;
+    child_shared = block::kPermAll & ~block::kPermWrite;
+    return;
+  }
+  Node::child_permissions(child, permissions, shared, child_permissions, child_shared);
+  // Metadata updates write to the file whenever the node is writable.
+  if (!read_only()) child_permissions |= block::kPermWrite | block::kPermResize;
+  child_permissions |= block::kPermConsistentRead;
+  child_shared &= ~(block::kPermWrite | block::kPermResize);
+}
+
+// ---- File I/O
+
+Task<int> Qcow2Node::file_io(bool write, uint64_t offset, uint8_t* buffer,
+                             uint64_t length) noexcept {
+  const uint64_t max = file().max_transfer();
+  while (length > 0) {
+    const uint64_t chunk = std::min(length, max);
+    const int64_t done = write ? co_await file().write(offset, chunk, buffer, 0)
+                               : co_await file().read(offset, chunk, buffer, 0);
+    if (done < 0) co_return static_cast<int>(done);
+    offset += chunk;
+    buffer += chunk;
+    length -= chunk;
+  }
+  co_return 0;
+}
+
+Task<int> Qcow2Node::file_read(uint64_t offset, void* buffer, uint64_t length) noexcept {
+  return file_io(false, offset, static_cast<uint8_t*>(buffer), length);
+}
+
+Task<int> Qcow2Node::file_write(uint64_t offset, const void* buffer, uint64_t length) noexcept {
+  // file_io only reads from the buffer when writing.
+  return file_io(true, offset, static_cast<uint8_t*>(const_cast<void*>(buffer)), length);
+}
+
+Task<int> Qcow2Node::file_sync() noexcept {
+  if (options_.cache_no_flush) co_return 0;
+  co_return static_cast<int>(co_await file().flush());
+}
+
+Task<int> Qcow2Node::write_header() noexcept {
+  auto bytes = header_.encode();
+  if (!bytes) co_return -EINVAL;
+  co_return co_await file_write(0, bytes->data(), bytes->size());
+}
+
+// ---- Open
+
+Task<Status> Qcow2Node::load() noexcept {
+  const int64_t file_size = file().size();
+  if (file_size < 0) co_return Status::generic("Could not get image size: " + errno_text(file_size));
+  std::vector<uint8_t> first(std::min<uint64_t>(static_cast<uint64_t>(file_size), 4096));
+  if (int r = co_await file_read(0, first.data(), first.size()); r < 0) {
+    co_return Status::generic("Could not read qcow2 header: " + errno_text(r));
+  }
+  if (first.size() >= 24 && load_be32(first.data()) == kMagic) {
+    const uint32_t bits = load_be32(&first[20]);
+    if (bits >= kMinClusterBits && bits <= kMaxClusterBits) {
+      const uint64_t wanted = std::min<uint64_t>(uint64_t{1} << bits, file_size);
+      if (wanted > first.size()) {
+        first.resize(wanted);
+        if (int r = co_await file_read(0, first.data(), first.size()); r < 0) {
+          co_return Status::generic("Could not read qcow2 header: " + errno_text(r));
+        }
+      }
+    }
+  }
+  auto parsed = parse_header(first, static_cast<uint64_t>(file_size));
+  if (!parsed) co_return parsed.status();
+  header_ = std::move(parsed).value();
+
+  if (std::string unknown = unknown_incompatible_features(header_); !unknown.empty()) {
+    co_return Status::generic("Unsupported qcow2 feature(s): " + unknown);
+  }
+  if (header_.crypt_method != kCryptNone) {
+    co_return Status::generic("qcow2: encrypted images are not supported by blockd");
+  }
+  if (header_.incompatible_features & kIncompatDataFile) {
+    co_return Status::generic("qcow2: external data files are not supported by blockd");
+  }
+  if (header_.incompatible_features & kIncompatExtendedL2) {
+    co_return Status::generic("qcow2: extended L2 entries (subclusters) are not supported by blockd");
+  }
+  if (header_.compression_type != kCompressionZlib) {
+    co_return Status::generic("qcow2: zstd compressed images are not supported by blockd");
+  }
+  if (header_.incompatible_features & kIncompatCorrupt) {
+    if (!read_only()) {
+      options_.read_only = true;
+      read_only_reason_ =
+          "qcow2: Image is corrupt (the corrupt bit is set); opened read-only. Run 'qemu-img "
+          "check -r all' to repair it";
+    }
+  }
+  if ((header_.incompatible_features & kIncompatDirty) && !read_only()) {
+    co_return Status::generic(
+        "qcow2: the image is marked dirty (it was not closed cleanly with lazy refcounts); "
+        "blockd cannot repair refcounts: run 'qemu-img check -r all' or open it read-only");
+  }
+  cluster_bits_ = header_.cluster_bits;
+  l2_entries_ = header_.l2_entries();
+  refblock_entries_ = header_.refcount_block_entries();
+  host_end_ = div_round_up(static_cast<uint64_t>(file_size), cluster_size()) * cluster_size();
+  cow_buffer_.resize(cluster_size());
+
+  // Active L1.
+  l1_.resize(header_.l1_size);
+  if (header_.l1_size > 0) {
+    std::vector<uint8_t> raw(uint64_t{header_.l1_size} * 8);
+    if (int r = co_await file_read(header_.l1_table_offset, raw.data(), raw.size()); r < 0) {
+      co_return Status::generic("Could not read L1 table: " + errno_text(r));
+    }
+    for (uint32_t i = 0; i < header_.l1_size; ++i) {
+      l1_[i] = load_be64(&raw[i * 8]);
+      if (uint64_t l2 = l1_[i] & kOffsetMask) active_l2_.insert(l2);
+    }
+  }
+  // Refcount table.
+  {
+    const uint64_t bytes = uint64_t{header_.refcount_table_clusters} << cluster_bits_;
+    std::vector<uint8_t> raw(bytes);
+    if (int r = co_await file_read(header_.refcount_table_offset, raw.data(), bytes); r < 0) {
+      co_return Status::generic("Could not read refcount table: " + errno_text(r));
+    }
+    refcount_table_.resize(bytes / 8);
+    for (uint64_t i = 0; i < refcount_table_.size(); ++i) {
+      refcount_table_[i] = load_be64(&raw[i * 8]);
+      const uint64_t block = refcount_table_[i] & ~kRefcountTableReservedMask;
+      if (block != 0) refblocks_.insert(block);
+      if ((refcount_table_[i] & kRefcountTableReservedMask) || block % cluster_size() != 0 ||
+          (block != 0 && block + cluster_size() > static_cast<uint64_t>(file_size))) {
+        co_return Status::generic("Invalid refcount table entry " + std::to_string(i) +
+                                  ": refcount block offset " + std::to_string(block) +
+                                  " is unaligned or outside the image file");
+      }
+    }
+  }
+  // Snapshot table: read a growing window until every entry parses.
+  if (header_.nb_snapshots > 0) {
+    const uint64_t available = static_cast<uint64_t>(file_size) - header_.snapshots_offset;
+    uint64_t window = std::min<uint64_t>(available, 64 << 10);
+    for (;;) {
+      std::vector<uint8_t> raw(window);
+      if (int r = co_await file_read(header_.snapshots_offset, raw.data(), window); r < 0) {
+        co_return Status::generic("Could not read snapshot table: " + errno_text(r));
+      }
+      auto table = parse_snapshot_table(raw, header_.nb_snapshots, header_, file_size);
+      if (table) {
+        snapshots_ = std::move(table).value();
+        break;
+      }
+      if (window >= available || window >= kMaxSnapshotTableBytes) co_return table.status();
+      window = std::min({available, window * 4, kMaxSnapshotTableBytes});
+    }
+  }
+
+  // Caches: by default enough L2 tables to map the whole disk (up to 32 MiB), and a quarter of
+  // that (at least 4 clusters) for refcount blocks.
+  const uint64_t full_l2 = std::max<uint64_t>(uint64_t{header_.l1_size} * cluster_size(), 1);
+  uint64_t l2_bytes = std::min<uint64_t>(full_l2, 32u << 20);
+  uint64_t refcount_bytes = std::max<uint64_t>(l2_bytes / 4, 4 * cluster_size());
+  if (qcow2_options_.cache_size) {
+    const uint64_t total = static_cast<uint64_t>(*qcow2_options_.cache_size);
+    if (qcow2_options_.l2_cache_size && qcow2_options_.refcount_cache_size) {
+      co_return Status::generic(
+          "l2-cache-size, refcount-cache-size and cache-size may not be set at the same time");
+    }
+    l2_bytes = qcow2_options_.l2_cache_size ? *qcow2_options_.l2_cache_size
+               : qcow2_options_.refcount_cache_size
+                   ? total - std::min<uint64_t>(total, *qcow2_options_.refcount_cache_size)
+                   : std::min<uint64_t>(full_l2, total * 3 / 4);
+    refcount_bytes = total - std::min<uint64_t>(total, l2_bytes);
+  } else {
+    if (qcow2_options_.l2_cache_size) l2_bytes = *qcow2_options_.l2_cache_size;
+    if (qcow2_options_.refcount_cache_size) refcount_bytes = *qcow2_options_.refcount_cache_size;
+  }
+  if (l2_bytes > (1ull << 40) || refcount_bytes > (1ull << 40)) {
+    co_return Status::generic("L2 cache size too big");
+  }
+  l2_cache_.set_capacity(l2_bytes / cluster_size());
+  refblock_cache_.set_capacity(refcount_bytes / cluster_size());
+  set_size(static_cast<int64_t>(header_.size));
+  co_return Status::ok();
+}
+
+Status Qcow2Node::attach_backing(const Qcow2Options& options, const OpenBackingFile& open_backing) {
+  std::shared_ptr<block::Node> node;
+  backing_filename_ = header_.backing_file;
+  if (options.backing_given) {
+    node = options.backing;
+  } else if (!header_.backing_file.empty()) {
+    std::string path = header_.backing_file;
+    std::string image = file().filename();
+    if (path.find(':') == std::string::npos && path[0] != '/' && image.rfind("json:", 0) != 0) {
+      path = (std::filesystem::path(image).parent_path() / path).string();
+    }
+    if (!open_backing) return Status::generic("Could not open backing file: no opener given");
+    auto opened = open_backing(path, header_.backing_format());
+    if (!opened) return opened.status().with_prefix("Could not open backing file");
+    node = std::move(opened).value();
+  }
+  if (!node) return Status::ok();
+  auto child = add_child("backing", std::move(node));
+  if (!child) return child.status();
+  backing_ = *child;
+  return Status::ok();
+}
+
+// ---- Tables
+
+TablePtr Qcow2Node::new_table(MetadataCache& cache, uint64_t offset) {
+  auto table = std::make_shared<Table>();
+  table->offset = offset;
+  table->data.assign(cluster_size(), 0);
+  table->dirty = true;
+  cache.insert(table);
+  return table;
+}
+
+Task<int> Qcow2Node::load_table(MetadataCache& cache, uint64_t offset, TablePtr& out) noexcept {
+  if ((out = cache.find(offset))) co_return 0;
+  auto table = std::make_shared<Table>();
+  table->offset = offset;
+  table->data.resize(cluster_size());
+  if (int r = co_await file_read(offset, table->data.data(), cluster_size()); r < 0) co_return r;
+  // Another coroutine may have loaded (and even changed) it meanwhile: keep theirs.
+  if ((out = cache.find(offset))) co_return 0;
+  cache.insert(table);
+  out = std::move(table);
+  co_return 0;
+}
+
+Task<int> Qcow2Node::lookup(uint64_t guest_cluster, uint64_t& entry) noexcept {
+  entry = 0;
+  const uint64_t l1_index = guest_cluster / l2_entries_;
+  if (l1_index >= l1_.size()) co_return -EIO;
+  const uint64_t l1_entry = l1_[l1_index];
+  if (!check_l1_entry(l1_entry, cluster_bits_, host_end_).empty()) co_return -EIO;
+  const uint64_t l2_offset = l1_entry & kOffsetMask;
+  if (l2_offset == 0) co_return 0;
+  TablePtr table;
+  if (int r = co_await load_table(l2_cache_, l2_offset, table); r < 0) co_return r;
+  entry = table->entry(guest_cluster % l2_entries_);
+  if (!check_l2_entry(entry, header_.version, cluster_bits_, host_end_).empty()) co_return -EIO;
+  co_return 0;
+}
+
+Task<int> Qcow2Node::read_backing(uint64_t offset, uint64_t length, uint8_t* buffer) noexcept {
+  block::Node* base = backing();
+  uint64_t readable = 0;
+  if (base && offset < static_cast<uint64_t>(base->size())) {
+    readable = std::min<uint64_t>(length, base->size() - offset);
+    const int64_t r = co_await base->read(offset, readable, buffer, 0);
+    if (r < 0) co_return static_cast<int>(r);
+  }
+  if (readable < length) std::memset(buffer + readable, 0, length - readable);
+  co_return 0;
+}
+
+Task<int> Qcow2Node::read_compressed(uint64_t entry, uint8_t* cluster_buffer) noexcept {
+  const CompressedExtent extent = decode_compressed_entry(entry, cluster_bits_);
+  const uint64_t length = std::min(extent.length, host_end_ - extent.host_offset);
+  std::vector<uint8_t> compressed(length);
+  if (int r = co_await file_read(extent.host_offset, compressed.data(), length); r < 0) co_return r;
+  z_stream stream{};
+  if (inflateInit2(&stream, -12) != Z_OK) co_return -ENOMEM;
+  stream.next_in = compressed.data();
+  stream.avail_in = static_cast<uInt>(length);
+  stream.next_out = cluster_buffer;
+  stream.avail_out = static_cast<uInt>(cluster_size());
+  const int status = inflate(&stream, Z_FINISH);
+  const bool complete = stream.avail_out == 0 && (status == Z_STREAM_END || status == Z_BUF_ERROR ||
+                                                  status == Z_OK);
+  inflateEnd(&stream);
+  co_return complete ? 0 : -EIO;
+}
+
+Task<int> Qcow2Node::read_cluster(uint64_t guest_cluster, uint64_t entry,
+                                  uint8_t* buffer) noexcept {
+  switch (classify_l2_entry(entry, header_.version)) {
+    case ClusterKind::kNormal:
+      co_return co_await file_read(entry & kOffsetMask, buffer, cluster_size());
+    case ClusterKind::kCompressed:
+      co_return co_await read_compressed(entry, buffer);
+    case ClusterKind::kZeroPlain:
+    case ClusterKind::kZeroAllocated:
+      std::memset(buffer, 0, cluster_size());
+      co_return 0;
+    case ClusterKind::kUnallocated:
+      break;
+  }
+  co_return co_await read_backing(guest_cluster << cluster_bits_, cluster_size(), buffer);
+}
+
+// ---- Data path: read and block status
+
+Task<int64_t> Qcow2Node::read(uint64_t offset, uint64_t length, void* buffer, uint32_t) noexcept {
+  const uint64_t size = header_.size;
+  if (offset > size || length > size - offset) co_return -EINVAL;
+  co_await lock_.lock_shared();
+  SharedGuard guard(lock_);
+  auto* out = static_cast<uint8_t*>(buffer);
+  uint64_t pos = offset;
+  const uint64_t end = offset + length;
+  while (pos < end) {
+    const uint64_t guest_cluster = pos >> cluster_bits_;
+    const uint64_t in = offset_in_cluster(pos);
+    uint64_t n = std::min(cluster_size() - in, end - pos);
+    uint64_t entry;
+    if (int r = co_await lookup(guest_cluster, entry); r < 0) co_return r;
+    switch (classify_l2_entry(entry, header_.version)) {
+      case ClusterKind::kNormal: {
+        // Extend over following clusters that are stored contiguously.
+        const uint64_t base = entry & kOffsetMask;
+        uint64_t clusters = 1;
+        while (pos + n < end && n < file().max_transfer()) {
+          uint64_t next_entry;
+          if (co_await lookup(guest_cluster + clusters, next_entry) < 0) break;
+          if (classify_l2_entry(next_entry, header_.version) != ClusterKind::kNormal ||
+              (next_entry & kOffsetMask) != base + (clusters << cluster_bits_)) {
+            break;
+          }
+          n += std::min(cluster_size(), end - pos - n);
+          ++clusters;
+        }
+        const uint64_t host = base + in;
+        if (int r = co_await file_read(host, out, n); r < 0) co_return r;
+        break;
+      }
+      case ClusterKind::kZeroPlain:
+      case ClusterKind::kZeroAllocated:
+        std::memset(out, 0, n);
+        break;
+      case ClusterKind::kUnallocated:
+        if (int r = co_await read_backing(pos, n, out); r < 0) co_return r;
+        break;
+      case ClusterKind::kCompressed: {
+        std::vector<uint8_t> cluster(cluster_size());
+        if (int r = co_await read_compressed(entry, cluster.data()); r < 0) co_return r;
+        std::memcpy(out, cluster.data() + in, n);
+        break;
+      }
+    }
+    pos += n;
+    out += n;
+  }
+  guard.release();
+  co_await trim_caches(false);
+  co_return static_cast<int64_t>(length);
+}
+
+Task<BlockStatus> Qcow2Node::block_status(uint64_t offset, uint64_t length) noexcept {
+  const uint64_t size = header_.size;
+  if (offset >= size) co_return BlockStatus{0, 0};
+  length = std::min(length, size - offset);
+  co_await lock_.lock_shared();
+  SharedGuard guard(lock_);
+  uint64_t entry;
+  if (int r = co_await lookup(offset >> cluster_bits_, entry); r < 0) co_return BlockStatus{r, 0};
+  const ClusterKind kind = classify_l2_entry(entry, header_.version);
+  auto same_kind = [&](uint64_t e) {
+    const ClusterKind k = classify_l2_entry(e, header_.version);
+    if (kind == ClusterKind::kZeroPlain || kind == ClusterKind::kZeroAllocated) {
+      return k == ClusterKind::kZeroPlain || k == ClusterKind::kZeroAllocated;
+    }
+    if (kind == ClusterKind::kNormal || kind == ClusterKind::kCompressed) {
+      return k == ClusterKind::kNormal || k == ClusterKind::kCompressed;
+    }
+    return k == kind;
+  };
+  uint64_t run = std::min(cluster_size() - offset_in_cluster(offset), length);
+  while (run < length) {
+    uint64_t next;
+    if (co_await lookup((offset + run) >> cluster_bits_, next) < 0 || !same_kind(next)) break;
+    run = std::min(run + cluster_size(), length);
+  }
+  guard.release();
+  switch (kind) {
+    case ClusterKind::kNormal:
+    case ClusterKind::kCompressed:
+      co_return BlockStatus{static_cast<int64_t>(run), block::kStatusData | block::kStatusAllocated};
+    case ClusterKind::kZeroPlain:
+    case ClusterKind::kZeroAllocated:
+      co_return BlockStatus{static_cast<int64_t>(run), block::kStatusZero | block::kStatusAllocated};
+    case ClusterKind::kUnallocated:
+      break;
+  }
+  block::Node* base = backing();
+  if (!base || offset >= static_cast<uint64_t>(base->size())) {
+    co_return BlockStatus{static_cast<int64_t>(run), block::kStatusZero};
+  }
+  BlockStatus below =
+      co_await base->block_status(offset, std::min<uint64_t>(run, base->size() - offset));
+  if (below.bytes > 0) below.flags &= ~block::kStatusAllocated;
+  co_return below;
+}
+
+// ---- Refcounts
+
+Task<int> Qcow2Node::refblock_for(uint64_t cluster_index, bool create, TablePtr& out) noexcept {
+  out = nullptr;
+  const uint64_t table_index = cluster_index / refblock_entries_;
+  if (table_index >= refcount_table_.size() || refcount_table_[table_index] == 0) {
+    if (!create) co_return 0;
+    if (table_index >= refcount_table_.size()) {
+      if (int r = co_await grow_refcount_table(table_index); r < 0) co_return r;
+    }
+    if (refcount_table_[table_index] == 0) {
+      if (int r = co_await create_refblock(table_index); r < 0) co_return r;
+    }
+  }
+  const uint64_t block = refcount_table_[table_index] & ~kRefcountTableReservedMask;
+  if (block == 0 || block % cluster_size() != 0 || block + cluster_size() > host_end_) co_return -EIO;
+  co_return co_await load_table(refblock_cache_, block, out);
+}
+
+Task<int> Qcow2Node::get_refcount(uint64_t cluster_index, uint64_t& value) noexcept {
+  TablePtr block;
+  value = 0;
+  if (int r = co_await refblock_for(cluster_index, false, block); r < 0) co_return r;
+  if (block) {
+    value = qcow2::get_refcount(block->data.data(), cluster_index % refblock_entries_,
+                                header_.refcount_order);
+  }
+  co_return 0;
+}
+
+Task<int> Qcow2Node::update_refcount(uint64_t offset, uint64_t length, int64_t delta) noexcept {
+  if (length == 0) co_return 0;
+  const uint64_t first = offset >> cluster_bits_;
+  const uint64_t last = (offset + length - 1) >> cluster_bits_;
+  for (uint64_t index = first; index <= last; ++index) {
+    TablePtr block;
+    if (int r = co_await refblock_for(index, delta > 0, block); r < 0) co_return r;
+    if (!block) co_return -EIO;  // decrementing a cluster that has no refcount block
+    const uint64_t slot = index % refblock_entries_;
+    const uint64_t old = qcow2::get_refcount(block->data.data(), slot, header_.refcount_order);
+    if (delta < 0 && old < static_cast<uint64_t>(-delta)) co_return -EIO;
+    if (delta > 0 && max_refcount(header_.refcount_order) - old < static_cast<uint64_t>(delta)) {
+      co_return -EFBIG;
+    }
+    const uint64_t value = old + static_cast<uint64_t>(delta);
+    set_refcount(block->data.data(), slot, header_.refcount_order, value);
+    block->dirty = true;
+    if (value == 0 && index < free_hint_) free_hint_ = index;
+  }
+  co_return 0;
+}
+
+Task<int> Qcow2Node::create_refblock(uint64_t table_index) noexcept {
+  // The new block covers clusters [table_index * entries, ...) which are all free; it lives in
+  // the first of them and counts itself.
+  const uint64_t offset = (table_index * refblock_entries_) << cluster_bits_;
+  TablePtr block = new_table(refblock_cache_, offset);
+  set_refcount(block->data.data(), 0, header_.refcount_order, 1);
+  // The block must be on disk before the refcount table points at it.
+  if (int r = co_await file_write(offset, block->data.data(), cluster_size()); r < 0) {
+    refblock_cache_.erase(offset);
+    co_return r;
+  }
+  block->dirty = false;
+  host_end_ = std::max(host_end_, offset + cluster_size());
+  if (int r = co_await file_sync(); r < 0) co_return r;
+  uint8_t entry[8];
+  store_be64(entry, offset);
+  if (int r = co_await file_write(header_.refcount_table_offset + table_index * 8, entry, 8); r < 0) {
+    co_return r;
+  }
+  refcount_table_[table_index] = offset;
+  refblocks_.insert(offset);
+  co_return 0;
+}
+
+Task<int> Qcow2Node::grow_refcount_table(uint64_t needed_index) noexcept {
+  // New refcount blocks and the new table go at the start of the area covered by table index
+  // `needed_index` (beyond everything covered so far, hence free). Blocks first, then the table;
+  // the blocks must cover themselves and the table.
+  const uint64_t start = needed_index * refblock_entries_;  // cluster index
+  uint64_t entries = std::max<uint64_t>(needed_index + 1, refcount_table_.size() * 2);
+  uint64_t blocks = 1;
+  uint64_t table_clusters = 0;
+  for (int round = 0; round < 64; ++round) {
+    table_clusters = div_round_up(entries * 8, cluster_size());
+    const uint64_t new_blocks = div_round_up(blocks + table_clusters, refblock_entries_);
+    const uint64_t new_entries = std::max(entries, needed_index + new_blocks);
+    if (new_blocks == blocks && new_entries == entries) break;
+    blocks = new_blocks;
+    entries = new_entries;
+  }
+  table_clusters = div_round_up(entries * 8, cluster_size());
+  if ((table_clusters << cluster_bits_) > kMaxRefcountTableBytes) co_return -EFBIG;
+  const uint64_t used = blocks + table_clusters;
+  std::vector<uint64_t> table(table_clusters * cluster_size() / 8, 0);
+  std::copy(refcount_table_.begin(), refcount_table_.end(), table.begin());
+  for (uint64_t b = 0; b < blocks; ++b) {
+    std::vector<uint8_t> data(cluster_size(), 0);
+    const uint64_t range_first = (needed_index + b) * refblock_entries_;
+    for (uint64_t c = start; c < start + used; ++c) {
+      if (c >= range_first && c < range_first + refblock_entries_) {
+        set_refcount(data.data(), c - range_first, header_.refcount_order, 1);
+      }
+    }
+    const uint64_t offset = (start + b) << cluster_bits_;
+    if (int r = co_await file_write(offset, data.data(), data.size()); r < 0) co_return r;
+    table[needed_index + b] = offset;
+    refblocks_.insert(offset);
+  }
+  const uint64_t table_offset = (start + blocks) << cluster_bits_;
+  std::vector<uint8_t> raw(table.size() * 8);
+  for (uint64_t i = 0; i < table.size(); ++i) store_be64(&raw[i * 8], table[i]);
+  if (int r = co_await file_write(table_offset, raw.data(), raw.size()); r < 0) co_return r;
+  host_end_ = std::max(host_end_, (start + used) << cluster_bits_);
+  if (int r = co_await file_sync(); r < 0) co_return r;
+  // Switch the header to the new table, then release the old one.
+  const uint64_t old_offset = header_.refcount_table_offset;
+  const uint64_t old_bytes = uint64_t{header_.refcount_table_clusters} << cluster_bits_;
+  header_.refcount_table_offset = table_offset;
+  header_.refcount_table_clusters = static_cast<uint32_t>(table_clusters);
+  if (int r = co_await write_header(); r < 0) co_return r;
+  if (int r = co_await file_sync(); r < 0) co_return r;
+  refcount_table_ = std::move(table);
+  co_return co_await update_refcount(old_offset, old_bytes, -1);
+}
+
+Task<int64_t> Qcow2Node::allocate_clusters(uint64_t count) noexcept {
+  uint64_t run_start = free_hint_;
+  uint64_t index = free_hint_;
+  uint64_t first_free = UINT64_MAX;
+  while (index - run_start < count) {
+    const uint64_t table_index = index / refblock_entries_;
+    TablePtr block;
+    // Covering a new area takes clusters from it: rescan the run afterwards.
+    const bool covered =
+        table_index < refcount_table_.size() && refcount_table_[table_index] != 0;
+    if (int r = co_await refblock_for(index, true, block); r < 0) co_return r;
+    if (!covered) {
+      index = run_start;
+      first_free = UINT64_MAX;
+      continue;
+    }
+    // Scan the rest of this refcount block without suspending.
+    const uint64_t block_end = (table_index + 1) * refblock_entries_;
+    for (; index < block_end && index - run_start < count; ++index) {
+      if (qcow2::get_refcount(block->data.data(), index % refblock_entries_,
+                              header_.refcount_order) != 0) {
+        run_start = index + 1;
+      } else if (first_free == UINT64_MAX) {
+        first_free = index;
+      }
+    }
+    if ((index << cluster_bits_) >= (uint64_t{1} << 56)) co_return -ENOSPC;
+  }
+  // No free cluster below the first one seen (a lone one before a longer run stays the hint).
+  free_hint_ = first_free < run_start ? first_free : run_start + count;
+  for (uint64_t i = 0; i < count; ++i) {
+    if (int r = co_await update_refcount((run_start + i) << cluster_bits_, 1, 1); r < 0) co_return r;
+  }
+  host_end_ = std::max(host_end_, (run_start + count) << cluster_bits_);
+  co_return static_cast<int64_t>(run_start << cluster_bits_);
+}
+
+void Qcow2Node::defer_free(uint64_t offset, uint64_t length, DiscardKind kind) {
+  deferred_frees_.push_back({offset, length, kind});
+}
+
+void Qcow2Node::defer_free_entry(uint64_t entry, DiscardKind kind) {
+  switch (classify_l2_entry(entry, header_.version)) {
+    case ClusterKind::kNormal:
+    case ClusterKind::kZeroAllocated:
+      defer_free(entry & kOffsetMask, cluster_size(), kind);
+      break;
+    case ClusterKind::kCompressed: {
+      const CompressedExtent extent = decode_compressed_entry(entry, cluster_bits_);
+      defer_free(extent.host_offset, extent.length, kind);
+      break;
+    }
+    default:
+      break;
+  }
+}
+
+Task<int> Qcow2Node::apply_deferred_frees() noexcept {
+  std::vector<DeferredFree> frees;
+  frees.swap(deferred_frees_);
+  for (const DeferredFree& free : frees) {
+    if (int r = co_await update_refcount(free.offset, free.length, -1); r < 0) co_return r;
+    if (!discard_passthrough_[static_cast<int>(free.kind)]) continue;
+    // Give clusters that became free back to the file system.
+    const uint64_t first = free.offset >> cluster_bits_;
+    const uint64_t last = (free.offset + free.length - 1) >> cluster_bits_;
+    for (uint64_t index = first; index <= last; ++index) {
+      uint64_t value;
+      if (co_await get_refcount(index, value) == 0 && value == 0) {
+        (void)co_await file().discard(index << cluster_bits_, cluster_size());
+      }
+    }
+  }
+  co_return 0;
+}
+
+// ---- Metadata ordering
+
+Task<int> Qcow2Node::write_dirty(MetadataCache& cache) noexcept {
+  for (const TablePtr& table : cache.dirty_tables()) {
+    if (int r = co_await file_write(table->offset, table->data.data(), cluster_size()); r < 0) {
+      co_return r;
+    }
+    table->dirty = false;
+  }
+  co_return 0;
+}
+
+Task<int> Qcow2Node::write_l1() noexcept {
+  std::vector<uint8_t> raw(l1_.size() * 8);
+  for (size_t i = 0; i < l1_.size(); ++i) store_be64(&raw[i * 8], l1_[i]);
+  if (int r = co_await file_write(header_.l1_table_offset, raw.data(), raw.size()); r < 0) {
+    co_return r;
+  }
+  l1_dirty_ = false;
+  co_return 0;
+}
+
+Task<int> Qcow2Node::flush_metadata() noexcept {
+  for (int round = 0; round < 2; ++round) {
+    if (refblock_cache_.has_dirty()) {
+      if (int r = co_await write_dirty(refblock_cache_); r < 0) co_return r;
+      if (int r = co_await file_sync(); r < 0) co_return r;
+    }
+    if (l2_cache_.has_dirty()) {
+      if (int r = co_await write_dirty(l2_cache_); r < 0) co_return r;
+      if (int r = co_await file_sync(); r < 0) co_return r;
+    }
+    if (l1_dirty_) {
+      if (int r = co_await write_l1(); r < 0) co_return r;
+      if (int r = co_await file_sync(); r < 0) co_return r;
+    }
+    if (deferred_frees_.empty()) break;
+    // Every reference dropped so far is now durable: the decrements may follow (written by the
+    // second round).
+    if (int r = co_await apply_deferred_frees(); r < 0) co_return r;
+  }
+  co_return 0;
+}
+
+Task<int> Qcow2Node::trim_caches(bool exclusive) noexcept {
+  if (exclusive && (l2_cache_.over_capacity() || refblock_cache_.over_capacity())) {
+    if (int r = co_await flush_metadata(); r < 0) co_return r;
+  }
+  l2_cache_.trim();
+  refblock_cache_.trim();
+  co_return 0;
+}
+
+bool Qcow2Node::overlaps_metadata(uint64_t host) const noexcept {
+  const uint64_t cs = cluster_size();
+  auto inside = [&](uint64_t start, uint64_t bytes) {
+    return bytes > 0 && host + cs > start && host < start + bytes;
+  };
+  if (host < cs) return true;
+  if (inside(header_.l1_table_offset, uint64_t{header_.l1_size} * 8)) return true;
+  if (inside(header_.refcount_table_offset, uint64_t{header_.refcount_table_clusters} * cs)) {
+    return true;
+  }
+  if (inside(header_.snapshots_offset, snapshot_table_size(snapshots_))) return true;
+  if (active_l2_.count(host)) return true;
+  if (refblocks_.count(host)) return true;
+  for (const SnapshotEntry& s : snapshots_) {
+    if (inside(s.l1_table_offset, uint64_t{s.l1_size} * 8)) return true;
+  }
+  return false;
+}
+
+// ---- Data path: writes
+
+Task<int> Qcow2Node::writable_l2(uint64_t l1_index, TablePtr& out) noexcept {
+  const uint64_t l1_entry = l1_[l1_index];
+  if (!check_l1_entry(l1_entry, cluster_bits_, host_end_).empty()) co_return -EIO;
+  const uint64_t old = l1_entry & kOffsetMask;
+  if (old == 0) {
+    const int64_t offset = co_await allocate_clusters(1);
+    if (offset < 0) co_return static_cast<int>(offset);
+    out = new_table(l2_cache_, static_cast<uint64_t>(offset));
+    l1_[l1_index] = static_cast<uint64_t>(offset) | kEntryCopied;
+    l1_dirty_ = true;
+    active_l2_.insert(static_cast<uint64_t>(offset));
+    co_return 0;
+  }
+  TablePtr table;
+  if (int r = co_await load_table(l2_cache_, old, table); r < 0) co_return r;
+  if (l1_entry & kEntryCopied) {
+    out = std::move(table);
+    co_return 0;
+  }
+  uint64_t refcount;
+  if (int r = co_await get_refcount(old >> cluster_bits_, refcount); r < 0) co_return r;
+  if (refcount == 1) {  // not shared after all (a stale flag): claim it
+    l1_[l1_index] |= kEntryCopied;
+    l1_dirty_ = true;
+    out = std::move(table);
+    co_return 0;
+  }
+  // Shared with a snapshot: copy it. Its data clusters stay shared (their refcounts count each
+  // L1 that reaches them), so no entry of the copy is COPIED.
+  const int64_t offset = co_await allocate_clusters(1);
+  if (offset < 0) co_return static_cast<int>(offset);
+  TablePtr copy = new_table(l2_cache_, static_cast<uint64_t>(offset));
+  copy->data = table->data;
+  for (uint64_t i = 0; i < l2_entries_; ++i) {
+    const uint64_t e = copy->entry(i);
+    if (e & kEntryCopied) copy->set_entry(i, e & ~kEntryCopied);
+  }
+  copy->dirty = true;
+  l1_[l1_index] = static_cast<uint64_t>(offset) | kEntryCopied;
+  l1_dirty_ = true;
+  active_l2_.erase(old);
+  active_l2_.insert(static_cast<uint64_t>(offset));
+  defer_free(old, cluster_size(), DiscardKind::kOther);
+  out = std::move(copy);
+  co_return 0;
+}
+
+Task<int64_t> Qcow2Node::write_cluster_slow(uint64_t offset, uint64_t length,
+                                            const uint8_t* data) noexcept {
+  const uint64_t guest_cluster = offset >> cluster_bits_;
+  const uint64_t in = offset_in_cluster(offset);
+  TablePtr l2;
+  if (int r = co_await writable_l2(guest_cluster / l2_entries_, l2); r < 0) co_return r;
+  const uint64_t index = guest_cluster % l2_entries_;
+  const uint64_t entry = l2->entry(index);
+  if (!check_l2_entry(entry, header_.version, cluster_bits_, host_end_).empty()) co_return -EIO;
+  const ClusterKind kind = classify_l2_entry(entry, header_.version);
+  const uint64_t host = entry & kOffsetMask;
+  const bool owned = (entry & kEntryCopied) && !overlaps_metadata(host);
+  if (kind == ClusterKind::kNormal && owned) {
+    co_return co_await file_write(host + in, data, length);
+  }
+  if (kind == ClusterKind::kZeroAllocated && owned) {
+    // A preallocated zero cluster: fill it and drop the zero flag.
+    std::memset(cow_buffer_.data(), 0, cluster_size());
+    std::memcpy(cow_buffer_.data() + in, data, length);
+    if (int r = co_await file_write(host, cow_buffer_.data(), cluster_size()); r < 0) co_return r;
+    l2->set_entry(index, host | kEntryCopied);
+    co_return 0;
+  }
+  const int64_t allocated = co_await allocate_clusters(1);
+  if (allocated < 0) co_return allocated;
+  const uint64_t target = static_cast<uint64_t>(allocated);
+  int r;
+  if (length == cluster_size()) {
+    r = co_await file_write(target, data, length);
+  } else {
+    // Copy-on-write: the rest of the cluster keeps what it read as before.
+    r = co_await read_cluster(guest_cluster, entry, cow_buffer_.data());
+    if (r == 0) {
+      std::memcpy(cow_buffer_.data() + in, data, length);
+      r = co_await file_write(target, cow_buffer_.data(), cluster_size());
+    }
+  }
+  if (r < 0) {
+    // Nothing references the new cluster yet: release it at once.
+    (void)co_await update_refcount(target, cluster_size(), -1);
+    co_return r;
+  }
+  l2->set_entry(index, target | kEntryCopied);
+  defer_free_entry(entry, DiscardKind::kOther);
+  co_return 0;
+}
+
+Task<int64_t> Qcow2Node::write(uint64_t offset, uint64_t length, const void* buffer,
+                               uint32_t flags) noexcept {
+  const uint64_t size = header_.size;
+  if (offset > size || length > size - offset) co_return -EINVAL;
+  if (read_only()) co_return -EROFS;
+  const auto* in = static_cast<const uint8_t*>(buffer);
+  uint64_t pos = offset;
+  const uint64_t end = offset + length;
+  // Fast path: clusters this image owns exclusively are written in place under the shared lock.
+  {
+    co_await lock_.lock_shared();
+    SharedGuard guard(lock_);
+    while (pos < end) {
+      const uint64_t n = std::min(cluster_size() - offset_in_cluster(pos), end - pos);
+      const uint64_t l1_entry = l1_[(pos >> cluster_bits_) / l2_entries_];
+      if (!(l1_entry & kEntryCopied)) break;
+      uint64_t entry;
+      if (int r = co_await lookup(pos >> cluster_bits_, entry); r < 0) co_return r;
+      if (classify_l2_entry(entry, header_.version) != ClusterKind::kNormal ||
+          !(entry & kEntryCopied) || overlaps_metadata(entry & kOffsetMask)) {
+        break;
+      }
+      if (int r = co_await file_write((entry & kOffsetMask) + offset_in_cluster(pos), in, n); r < 0) {
+        co_return r;
+      }
+      pos += n;
+      in += n;
+    }
+  }
+  if (pos < end) {
+    co_await lock_.lock();
+    ExclusiveGuard guard(lock_);
+    while (pos < end) {
+      const uint64_t n = std::min(cluster_size() - offset_in_cluster(pos), end - pos);
+      if (int64_t r = co_await write_cluster_slow(pos, n, in); r < 0) co_return r;
+      pos += n;
+      in += n;
+    }
+    if (int r = co_await trim_caches(true); r < 0) co_return r;
+  }
+  if (flags & block::kRequestFua) {
+    if (int64_t r = co_await flush(); r < 0) co_return r;
+  }
+  co_return static_cast<int64_t>(length);
+}
+
+Task<int64_t> Qcow2Node::flush() noexcept {
+  if (read_only()) co_return 0;
+  co_await lock_.lock();
+  ExclusiveGuard guard(lock_);
+  if (int r = co_await flush_metadata(); r < 0) co_return r;
+  co_return co_await file_sync();
+}
+
+Task<int> Qcow2Node::zero_cluster(uint64_t guest_cluster, bool unmap) noexcept {
+  TablePtr l2;
+  if (int r = co_await writable_l2(guest_cluster / l2_entries_, l2); r < 0) co_return r;
+  const uint64_t index = guest_cluster % l2_entries_;
+  const uint64_t entry = l2->entry(index);
+  if (!check_l2_entry(entry, header_.version, cluster_bits_, host_end_).empty()) co_return -EIO;
+  const ClusterKind kind = classify_l2_entry(entry, header_.version);
+  if (kind == ClusterKind::kZeroPlain) co_return 0;
+  if (!unmap && (kind == ClusterKind::kNormal || kind == ClusterKind::kZeroAllocated) &&
+      (entry & kEntryCopied)) {
+    l2->set_entry(index, (entry & kOffsetMask) | kEntryCopied | kEntryZero);  // keep the space
+    co_return 0;
+  }
+  l2->set_entry(index, kEntryZero);
+  defer_free_entry(entry, DiscardKind::kRequest);
+  co_return 0;
+}
+
+Task<int64_t> Qcow2Node::write_zeroes(uint64_t offset, uint64_t length, uint32_t flags) noexcept {
+  const uint64_t size = header_.size;
+  if (offset > size || length > size - offset) co_return -EINVAL;
+  if (read_only()) co_return -EROFS;
+  if (options_.discard != "unmap") flags &= ~block::kRequestMayUnmap;
+  const uint64_t end = offset + length;
+  // Whole clusters (and a tail that ends at the end of the disk) get the zero flag; partial
+  // ones are written with zeroes. Version 2 has no zero flag.
+  uint64_t pos = offset;
+  while (pos < end) {
+    const uint64_t in = offset_in_cluster(pos);
+    const uint64_t n = std::min(cluster_size() - in, end - pos);
+    const bool whole = in == 0 && (n == cluster_size() || pos + n == size);
+    if (!whole || header_.version < kVersion3) {
+      if (flags & block::kRequestNoFallback) co_return -ENOTSUP;
+      std::vector<uint8_t> zeroes(n, 0);
+      if (int64_t r = co_await write(pos, n, zeroes.data(), 0); r < 0) co_return r;
+    } else {
+      co_await lock_.lock();
+      ExclusiveGuard guard(lock_);
+      if (int r = co_await zero_cluster(pos >> cluster_bits_, flags & block::kRequestMayUnmap);
+          r < 0) {
+        co_return r;
+      }
+      if (int r = co_await trim_caches(true); r < 0) co_return r;
+    }
+    pos += n;
+  }
+  if (flags & block::kRequestFua) {
+    if (int64_t r = co_await flush(); r < 0) co_return r;
+  }
+  co_return static_cast<int64_t>(length);
+}
+
+Task<int> Qcow2Node::discard_cluster(uint64_t guest_cluster) noexcept {
+  uint64_t entry;
+  if (int r = co_await lookup(guest_cluster, entry); r < 0) co_return r;
+  const ClusterKind kind = classify_l2_entry(entry, header_.version);
+  // With a backing file, a discarded cluster must not show the backing data again (version 3:
+  // zero flag); without one, unallocated reads as zeroes anyway.
+  const bool keep_zero = backing() != nullptr && header_.version >= kVersion3;
+  if (kind == ClusterKind::kUnallocated && !keep_zero) co_return 0;
+  if (kind == ClusterKind::kZeroPlain) co_return 0;
+  TablePtr l2;
+  if (int r = co_await writable_l2(guest_cluster / l2_entries_, l2); r < 0) co_return r;
+  const uint64_t index = guest_cluster % l2_entries_;
+  entry = l2->entry(index);
+  l2->set_entry(index, keep_zero ? kEntryZero : 0);
+  defer_free_entry(entry, DiscardKind::kRequest);
+  co_return 0;
+}
+
+Task<int64_t> Qcow2Node::discard(uint64_t offset, uint64_t length) noexcept {
+  const uint64_t size = header_.size;
+  if (offset > size || length > size - offset) co_return -EINVAL;
+  if (options_.discard != "unmap") co_return 0;
+  if (read_only()) co_return -EROFS;
+  // Only whole clusters (or the last, partial one) are discarded; the rest is left as it is.
+  uint64_t first = (offset + cluster_size() - 1) >> cluster_bits_;
+  uint64_t end = offset + length;
+  uint64_t last = end == size ? div_round_up(end, cluster_size()) : end >> cluster_bits_;
+  if (first >= last) co_return 0;
+  co_await lock_.lock();
+  ExclusiveGuard guard(lock_);
+  for (uint64_t cluster = first; cluster < last; ++cluster) {
+    if (int r = co_await discard_cluster(cluster); r < 0) co_return r;
+  }
+  if (int r = co_await trim_caches(true); r < 0) co_return r;
+  co_return 0;
+}
+
+}  // namespace qcow2
+
+Expected<std::shared_ptr<block::Node>> open_qcow2_node(
+    block::NodeOptions common, const Qcow2Options& options, std::shared_ptr<block::Node> file,
+    const OpenBackingFile& open_backing, Loop& loop,
+    const std::function<Status(Task<Status>)>& run) {
+  auto node = std::make_shared<qcow2::Qcow2Node>(std::move(common), options);
+  node->set_loop(loop);
+  auto child = node->add_child("file", std::move(file));
+  if (!child) return child.status();
+  BLOCKD_RETURN_IF_ERROR(run(node->load()));
+  BLOCKD_RETURN_IF_ERROR(node->attach_backing(options, open_backing));
+  return std::shared_ptr<block::Node>(std::move(node));
+}
+
+Qcow2Snapshots* qcow2_snapshots(block::Node& node) {
+  return dynamic_cast<qcow2::Qcow2Node*>(&node);
+}
+
+}  // namespace blockd::drivers

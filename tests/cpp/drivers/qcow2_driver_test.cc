@@ -1,0 +1,259 @@
+// qcow2 driver tests against qemu-img and qemu-io: images they made read correctly, images we
+// wrote pass `qemu-img check` and read back the same through qemu-io.
+#include "drivers/qcow2/qcow2.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "drivers/file.h"
+#include "drivers/raw.h"
+#include "test_support.h"
+
+namespace blockd::drivers {
+namespace {
+
+using testing::run;
+
+int sh(const std::string& command) { return std::system((command + " >/dev/null 2>&1").c_str()); }
+
+std::string output_of(const std::string& command) {
+  std::string out;
+  FILE* pipe = popen(command.c_str(), "r");
+  char buffer[4096];
+  size_t n;
+  while ((n = fread(buffer, 1, sizeof buffer, pipe)) > 0) out.append(buffer, n);
+  pclose(pipe);
+  return out;
+}
+
+class Qcow2DriverTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (sh("qemu-img --version") != 0) GTEST_SKIP() << "no qemu-img";
+    path_ = dir_.file("a.qcow2");
+  }
+
+  Expected<std::shared_ptr<block::Node>> open(const std::string& path, bool read_only = false,
+                                              Qcow2Options options = {}) {
+    FileOptions file_options;
+    file_options.filename = path;
+    auto file = open_file_node(block::NodeOptions{.node_name = "f" + std::to_string(next_++),
+                                                  .read_only = read_only},
+                               file_options, *loop_);
+    if (!file) return file.status();
+    OpenBackingFile opener = [&](const std::string& name, const std::string& format)
+        -> Expected<std::shared_ptr<block::Node>> {
+      auto backing = open(name, true);  // a qcow2 or, failing that, raw
+      if (backing || format == "qcow2") return backing;
+      FileOptions raw_file;
+      raw_file.filename = name;
+      auto f = open_file_node(block::NodeOptions{.node_name = "b" + std::to_string(next_++),
+                                                 .read_only = true},
+                              raw_file, *loop_);
+      if (!f) return f.status();
+      return open_raw_node(block::NodeOptions{.node_name = "r" + std::to_string(next_++),
+                                              .read_only = true},
+                           {}, *f, *loop_);
+    };
+    return open_qcow2_node(
+        block::NodeOptions{.node_name = "q" + std::to_string(next_++), .read_only = read_only},
+        options, *file, opener, *loop_,
+        [&](Task<Status> task) { return run(*loop_, std::move(task)); });
+  }
+
+  std::vector<uint8_t> read(block::Node& node, uint64_t offset, uint64_t length) {
+    std::vector<uint8_t> out(length, 0xaa);
+    EXPECT_EQ(run(*loop_, node.read(offset, length, out.data(), 0)), static_cast<int64_t>(length));
+    return out;
+  }
+
+  void write(block::Node& node, uint64_t offset, const std::vector<uint8_t>& data) {
+    ASSERT_EQ(run(*loop_, node.write(offset, data.size(), data.data(), 0)),
+              static_cast<int64_t>(data.size()));
+  }
+
+  // `qemu-img check` output, or "" when the image is clean.
+  std::string check(const std::string& path) {
+    std::string out = output_of("qemu-img check -U " + path + " 2>&1");
+    if (out.find("No errors were found") != std::string::npos) return "";
+    return out;
+  }
+
+  std::unique_ptr<Loop> loop_ = testing::make_loop();
+  testing::TempDir dir_;
+  std::string path_;
+  int next_ = 0;
+};
+
+std::vector<uint8_t> pattern(size_t length, uint8_t seed) {
+  std::vector<uint8_t> out(length);
+  for (size_t i = 0; i < length; ++i) out[i] = static_cast<uint8_t>(seed + i * 7 + i / 4096);
+  return out;
+}
+
+TEST_F(Qcow2DriverTest, ReadsWhatQemuIoWrote) {
+  ASSERT_EQ(sh("qemu-img create -f qcow2 " + path_ + " 4M"), 0);
+  ASSERT_EQ(sh("qemu-io -c 'write -P 0x5a 64k 128k' -c 'write -z 512k 64k' " + path_), 0);
+  auto node = open(path_, true);
+  ASSERT_TRUE(node.has_value()) << node.status().message();
+  EXPECT_EQ((*node)->size(), 4 << 20);
+  auto data = read(**node, 0, 1 << 20);
+  for (size_t i = 0; i < data.size(); ++i) {
+    const uint8_t want = (i >= (64 << 10) && i < (192 << 10)) ? 0x5a : 0;
+    ASSERT_EQ(data[i], want) << i;
+  }
+  auto status = run(*loop_, (*node)->block_status(64 << 10, 1 << 20));
+  EXPECT_EQ(status.bytes, 128 << 10);
+  EXPECT_EQ(status.flags, block::kStatusData | block::kStatusAllocated);
+  status = run(*loop_, (*node)->block_status(0, 64 << 10));
+  EXPECT_EQ(status.flags, block::kStatusZero);
+}
+
+TEST_F(Qcow2DriverTest, ReadsCompressedClusters) {
+  const std::string raw = dir_.file("src.raw");
+  ASSERT_EQ(sh("qemu-img create -f raw " + raw + " 1M"), 0);
+  ASSERT_EQ(sh("qemu-io -f raw -c 'write -P 0x11 0 300k' -c 'write -P 0x22 700k 5k' " + raw), 0);
+  ASSERT_EQ(sh("qemu-img convert -c -O qcow2 -o cluster_size=4k " + raw + " " + path_), 0);
+  auto node = open(path_, true);
+  ASSERT_TRUE(node.has_value()) << node.status().message();
+  auto data = read(**node, 0, 1 << 20);
+  for (size_t i = 0; i < data.size(); ++i) {
+    uint8_t want = i < 300 * 1024 ? 0x11 : (i >= 700 * 1024 && i < 705 * 1024) ? 0x22 : 0;
+    ASSERT_EQ(data[i], want) << i;
+  }
+}
+
+TEST_F(Qcow2DriverTest, BackingChainReadsThrough) {
+  const std::string base = dir_.file("base.qcow2");
+  ASSERT_EQ(sh("qemu-img create -f qcow2 " + base + " 2M"), 0);
+  ASSERT_EQ(sh("qemu-io -c 'write -P 0x33 0 1M' " + base), 0);
+  ASSERT_EQ(sh("qemu-img create -f qcow2 -b base.qcow2 -F qcow2 " + path_), 0);
+  ASSERT_EQ(sh("qemu-io -c 'write -P 0x44 512k 64k' " + path_), 0);
+  auto node = open(path_, false);
+  ASSERT_TRUE(node.has_value()) << node.status().message();
+  auto data = read(**node, 0, 2 << 20);
+  for (size_t i = 0; i < data.size(); ++i) {
+    uint8_t want = i >= (512 << 10) && i < (576 << 10) ? 0x44 : i < (1 << 20) ? 0x33 : 0;
+    ASSERT_EQ(data[i], want) << i;
+  }
+  auto status = run(*loop_, (*node)->block_status(0, 1 << 20));
+  EXPECT_EQ(status.flags & block::kStatusAllocated, 0u);
+  EXPECT_EQ(status.flags & block::kStatusData, block::kStatusData);
+  // A partial write copies the rest of the cluster from the backing file.
+  write(**node, 4096, std::vector<uint8_t>(100, 0x55));
+  ASSERT_EQ(run(*loop_, (*node)->flush()), 0);
+  node->reset();
+  EXPECT_EQ(check(path_), "");
+  EXPECT_EQ(sh("qemu-io -c 'read -P 0x33 0 4096' -c 'read -P 0x55 4096 100' "
+               "-c 'read -P 0x33 4196 60k' " + path_),
+            0);
+}
+
+TEST_F(Qcow2DriverTest, RandomWorkloadMatchesRawReference) {
+  for (int bits : {9, 12, 16}) {
+    for (int refcount_bits : {1, 16}) {
+      SCOPED_TRACE("cluster bits " + std::to_string(bits) + ", refcount bits " +
+                   std::to_string(refcount_bits));
+      ASSERT_EQ(sh("qemu-img create -f qcow2 -o cluster_size=" + std::to_string(1 << bits) +
+                   ",refcount_bits=" + std::to_string(refcount_bits) + " " + path_ + " 8M"),
+                0);
+      Qcow2Options options;
+      options.l2_cache_size = 2 << bits;  // a tiny cache: eviction and reloads happen
+      options.refcount_cache_size = 2 << bits;
+      auto node = open(path_, false, options);
+      ASSERT_TRUE(node.has_value()) << node.status().message();
+      std::vector<uint8_t> reference(8 << 20, 0);
+      std::mt19937_64 random(bits * 100 + refcount_bits);
+      for (int op = 0; op < 200; ++op) {
+        const uint64_t offset = random() % (8 << 20);
+        const uint64_t length = std::min<uint64_t>(1 + random() % (200 << 10), (8 << 20) - offset);
+        const int kind = random() % 10;
+        if (kind < 7) {
+          auto data = pattern(length, static_cast<uint8_t>(op));
+          write(**node, offset, data);
+          std::copy(data.begin(), data.end(), reference.begin() + offset);
+        } else if (kind < 9) {
+          ASSERT_EQ(run(*loop_, (*node)->write_zeroes(offset, length, 0)),
+                    static_cast<int64_t>(length));
+          std::fill_n(reference.begin() + offset, length, 0);
+        } else {
+          ASSERT_EQ(run(*loop_, (*node)->flush()), 0);
+        }
+      }
+      auto data = read(**node, 0, 8 << 20);
+      ASSERT_TRUE(data == reference);
+      ASSERT_EQ(run(*loop_, (*node)->flush()), 0);
+      node->reset();
+      EXPECT_EQ(check(path_), "");
+      // qemu-img sees the same bytes.
+      const std::string raw = dir_.file("ref.raw");
+      FILE* f = std::fopen(raw.c_str(), "wb");
+      std::fwrite(reference.data(), 1, reference.size(), f);
+      std::fclose(f);
+      EXPECT_EQ(sh("qemu-img compare -f raw -F qcow2 " + raw + " " + path_), 0);
+    }
+  }
+}
+
+TEST_F(Qcow2DriverTest, CorruptImagesGiveClearErrors) {
+  ASSERT_EQ(sh("qemu-img create -f qcow2 " + path_ + " 4M"), 0);
+  ASSERT_EQ(sh("truncate -s 1000 " + path_), 0);
+  auto node = open(path_, true);
+  ASSERT_FALSE(node.has_value());
+  EXPECT_NE(node.status().message().find("outside the image file"), std::string::npos)
+      << node.status().message();
+  // An unknown incompatible feature bit.
+  ASSERT_EQ(sh("qemu-img create -f qcow2 " + path_ + " 4M"), 0);
+  ASSERT_EQ(sh("printf '\\200' | dd of=" + path_ + " bs=1 seek=72 conv=notrunc"), 0);
+  node = open(path_, true);
+  ASSERT_FALSE(node.has_value());
+  EXPECT_EQ(node.status().message(),
+            "Unsupported qcow2 feature(s): Unknown incompatible feature: 8000000000000000");
+  // The corrupt bit: opens read-only.
+  ASSERT_EQ(sh("qemu-img create -f qcow2 " + path_ + " 4M"), 0);
+  ASSERT_EQ(sh("printf '\\002' | dd of=" + path_ + " bs=1 seek=79 conv=notrunc"), 0);
+  node = open(path_, false);
+  ASSERT_TRUE(node.has_value()) << node.status().message();
+  EXPECT_TRUE((*node)->read_only());
+  EXPECT_NE(qcow2_snapshots(**node)->read_only_reason().find("corrupt"), std::string::npos);
+}
+
+TEST_F(Qcow2DriverTest, SnapshotsAgreeWithQemuImg) {
+  ASSERT_EQ(sh("qemu-img create -f qcow2 " + path_ + " 4M"), 0);
+  auto node = open(path_, false);
+  ASSERT_TRUE(node.has_value()) << node.status().message();
+  auto* snapshots = qcow2_snapshots(**node);
+  write(**node, 0, std::vector<uint8_t>(100000, 0x61));
+  ASSERT_EQ(run(*loop_, snapshots->create_snapshot("one")), 0);
+  write(**node, 50000, std::vector<uint8_t>(100000, 0x62));
+  ASSERT_EQ(run(*loop_, snapshots->create_snapshot("two")), 0);
+  EXPECT_EQ(run(*loop_, snapshots->create_snapshot("two")), -EEXIST);
+  write(**node, 0, std::vector<uint8_t>(10, 0x63));
+  ASSERT_EQ(run(*loop_, (*node)->flush()), 0);
+  ASSERT_EQ(snapshots->snapshots().size(), 2u);
+  EXPECT_EQ(snapshots->snapshots()[1].id, "2");
+  EXPECT_EQ(check(path_), "");
+  std::string list = output_of("qemu-img snapshot -U -l " + path_);
+  EXPECT_NE(list.find("one"), std::string::npos) << list;
+  EXPECT_NE(list.find("two"), std::string::npos) << list;
+  // Revert to "one" and check the data.
+  ASSERT_EQ(run(*loop_, snapshots->revert_snapshot(0)), 0);
+  auto data = read(**node, 0, 200000);
+  for (size_t i = 0; i < data.size(); ++i) ASSERT_EQ(data[i], i < 100000 ? 0x61 : 0) << i;
+  EXPECT_EQ(check(path_), "");
+  ASSERT_EQ(run(*loop_, snapshots->delete_snapshot(0)), 0);
+  EXPECT_EQ(check(path_), "");
+  ASSERT_EQ(run(*loop_, snapshots->delete_snapshot(0)), 0);
+  write(**node, 0, std::vector<uint8_t>(10, 0x64));
+  ASSERT_EQ(run(*loop_, (*node)->flush()), 0);
+  node->reset();
+  EXPECT_EQ(check(path_), "");
+  EXPECT_EQ(sh("qemu-io -c 'read -P 0x64 0 10' -c 'read -P 0x61 10 99990' " + path_), 0);
+}
+
+}  // namespace
+}  // namespace blockd::drivers
