@@ -3,11 +3,16 @@
 // blockdev-add translates the schema's BlockdevOptions into each driver's own options struct, so
 // that drivers never see QAPI types, and resolves child references: a string names an existing
 // node, an object opens a new implicit node owned by its parent.
+#include <cstdio>
+#include <cstring>
+
 #include "drivers/file.h"
 #include "drivers/null.h"
+#include "drivers/qcow2/qcow2.h"
 #include "drivers/raw.h"
 #include "qapi/commands.h"
 #include "qmp/context.h"
+#include "qmp/handlers/snapshots.h"
 
 namespace blockd::qapi {
 namespace {
@@ -130,6 +135,75 @@ Expected<std::shared_ptr<Node>> open_node(qmp::Context& context, const BlockdevO
                                     std::move(child).value(), context.main_loop());
       break;
     }
+    case BlockdevDriver::kQcow2: {
+      const BlockdevOptionsQcow2& qcow2 = *options.u.qcow2;
+      if (qcow2.encrypt) return Status::generic("qcow2 encryption is not supported by blockd");
+      if (qcow2.data_file) return Status::generic("qcow2 data files are not supported by blockd");
+      auto child = resolve_child(context, qcow2.file, for_children);
+      if (!child) return child.status();
+      drivers::Qcow2Options driver_options;
+      driver_options.lazy_refcounts = qcow2.lazy_refcounts;
+      driver_options.pass_discard_request = qcow2.pass_discard_request;
+      driver_options.pass_discard_snapshot = qcow2.pass_discard_snapshot;
+      driver_options.pass_discard_other = qcow2.pass_discard_other;
+      driver_options.cache_size = qcow2.cache_size;
+      driver_options.l2_cache_size = qcow2.l2_cache_size;
+      driver_options.refcount_cache_size = qcow2.refcount_cache_size;
+      if (qcow2.backing) {
+        driver_options.backing_given = true;
+        if (!std::holds_alternative<std::nullptr_t>(*qcow2.backing)) {
+          const BlockdevRefOrNull& ref = *qcow2.backing;
+          BlockdevRef as_ref = std::holds_alternative<std::string>(ref)
+                                   ? BlockdevRef(std::get<std::string>(ref))
+                                   : BlockdevRef(std::get<Box<BlockdevOptions>>(ref));
+          Inherited read_only_backing = for_children;
+          read_only_backing.read_only = true;
+          auto backing = resolve_child(context, as_ref, read_only_backing);
+          if (!backing) return backing.status();
+          driver_options.backing = std::move(backing).value();
+        }
+      }
+      // A backing file named by the image opens read-only with the format it records (or
+      // qcow2 if its magic says so, else raw).
+      drivers::OpenBackingFile open_backing =
+          [&](const std::string& filename,
+              const std::string& format) -> Expected<std::shared_ptr<Node>> {
+        BlockdevOptions file_options;
+        file_options.driver = BlockdevDriver::kFile;
+        file_options.u.file.emplace();
+        file_options.u.file->filename = filename;
+        BlockdevOptions format_options;
+        std::string chosen = format;
+        if (chosen.empty()) {
+          char magic[4] = {};
+          if (FILE* f = std::fopen(filename.c_str(), "rb")) {
+            if (std::fread(magic, 1, 4, f) != 4) magic[0] = 0;
+            std::fclose(f);
+          }
+          chosen = std::memcmp(magic, "QFI\xfb", 4) == 0 ? "qcow2" : "raw";
+        }
+        Inherited read_only_backing = for_children;
+        read_only_backing.read_only = true;
+        if (chosen == "qcow2") {
+          format_options.driver = BlockdevDriver::kQcow2;
+          format_options.u.qcow2.emplace();
+          format_options.u.qcow2->file = Box<BlockdevOptions>(std::move(file_options));
+        } else if (chosen == "raw") {
+          format_options.driver = BlockdevDriver::kRaw;
+          format_options.u.raw.emplace();
+          format_options.u.raw->file = Box<BlockdevOptions>(std::move(file_options));
+        } else {
+          return Status::generic("Unknown driver '" + chosen + "'");
+        }
+        auto opened = open_node(context, format_options, read_only_backing);
+        if (opened) context.graph().add(*opened, /*monitor_owned=*/false);
+        return opened;
+      };
+      node = drivers::open_qcow2_node(
+          std::move(common).value(), driver_options, std::move(child).value(), open_backing,
+          context.main_loop(), [&](Task<Status> task) { return context.run_nested(std::move(task)); });
+      break;
+    }
     case BlockdevDriver::kNullCo: {
       const BlockdevOptionsNull& null = *options.u.null_co;
       drivers::NullOptions driver_options;
@@ -147,6 +221,51 @@ Expected<std::shared_ptr<Node>> open_node(qmp::Context& context, const BlockdevO
   return node;
 }
 
+// The qcow2 parts of a node's image info, as QEMU reports them.
+void describe_qcow2(const Node& node, const drivers::Qcow2Snapshots& qcow2, BlockDeviceInfo& info) {
+  const drivers::qcow2::Header& header = qcow2.header();
+  info.image.cluster_size = static_cast<int64_t>(header.cluster_size());
+  info.image.dirty_flag = (header.incompatible_features & drivers::qcow2::kIncompatDirty) != 0;
+  if (!header.backing_file.empty()) {
+    info.backing_file = header.backing_file;
+    info.image.backing_filename = header.backing_file;
+    if (!header.backing_format().empty()) {
+      info.image.backing_filename_format = header.backing_format();
+    }
+  }
+  // The backing chain: its length, and the first backing node's file name.
+  for (const Node* n = &node; n;) {
+    const Node* next = nullptr;
+    for (const auto& child : n->children()) {
+      if (child->name() == "backing") next = child->node();
+    }
+    if (next && n == &node) info.image.full_backing_filename = next->filename();
+    if (next) ++info.backing_file_depth;
+    n = next;
+  }
+  const auto snapshots = qcow2.snapshots();
+  if (!snapshots.empty()) {
+    std::vector<SnapshotInfo> list;
+    for (const auto& s : snapshots) list.push_back(snapshot_info(s));
+    info.image.snapshots = std::move(list);
+  }
+  ImageInfoSpecificQCow2 specific;
+  specific.compat = header.version >= drivers::qcow2::kVersion3 ? "1.1" : "0.10";
+  specific.refcount_bits = int64_t{1} << header.refcount_order;
+  specific.compression_type = Qcow2CompressionType::kZlib;
+  if (header.version >= drivers::qcow2::kVersion3) {
+    specific.lazy_refcounts =
+        (header.compatible_features & drivers::qcow2::kCompatLazyRefcounts) != 0;
+    specific.corrupt = (header.incompatible_features & drivers::qcow2::kIncompatCorrupt) != 0;
+    specific.extended_l2 = false;
+  }
+  ImageInfoSpecific wrapper;
+  wrapper.type = ImageInfoSpecificKind::kQcow2;
+  wrapper.u.qcow2.emplace();
+  wrapper.u.qcow2->data = std::move(specific);
+  info.image.format_specific = std::move(wrapper);
+}
+
 }  // namespace
 
 Status qmp_blockdev_add(qmp::Context& context, const BlockdevOptions& options) {
@@ -160,6 +279,10 @@ Status qmp_blockdev_add(qmp::Context& context, const BlockdevOptions& options) {
 }
 
 Status qmp_blockdev_del(qmp::Context& context, const BlockdevDelArgs& args) {
+  // Write back what a node still caches (qcow2 metadata) before it closes, as QEMU does.
+  if (auto node = context.graph().find(args.node_name); node && node->users().empty()) {
+    (void)context.run_nested(node->flush());
+  }
   return context.graph().remove(args.node_name);
 }
 
@@ -184,6 +307,7 @@ Expected<std::vector<BlockDeviceInfo>> qmp_query_named_block_nodes(
       info.image.actual_size = allocated;
     }
     if (node->driver_name() != "null-co") info.image.dirty_flag = false;
+    if (auto* qcow2 = drivers::qcow2_snapshots(*node)) describe_qcow2(*node, *qcow2, info);
     infos.push_back(std::move(info));
   }
   return infos;
