@@ -487,8 +487,10 @@ Task<int64_t> Qcow2Node::read(uint64_t offset, uint64_t length, void* buffer, ui
     pos += n;
     out += n;
   }
-  guard.release();
-  co_await trim_caches(false);
+  // Trimming only while the lock is held: an exclusive holder may be keeping a clean table it
+  // is about to change, which must not leave the cache under it.
+  l2_cache_.trim();
+  refblock_cache_.trim();
   co_return static_cast<int64_t>(length);
 }
 
@@ -517,6 +519,8 @@ Task<BlockStatus> Qcow2Node::block_status(uint64_t offset, uint64_t length) noex
     if (co_await lookup((offset + run) >> cluster_bits_, next) < 0 || !same_kind(next)) break;
     run = std::min(run + cluster_size(), length);
   }
+  l2_cache_.trim();
+  refblock_cache_.trim();
   guard.release();
   switch (kind) {
     case ClusterKind::kNormal:
@@ -785,8 +789,8 @@ Task<int> Qcow2Node::flush_metadata() noexcept {
   co_return 0;
 }
 
-Task<int> Qcow2Node::trim_caches(bool exclusive) noexcept {
-  if (exclusive && (l2_cache_.over_capacity() || refblock_cache_.over_capacity())) {
+Task<int> Qcow2Node::trim_caches() noexcept {
+  if (l2_cache_.over_capacity() || refblock_cache_.over_capacity()) {
     if (int r = co_await flush_metadata(); r < 0) co_return r;
   }
   l2_cache_.trim();
@@ -937,6 +941,8 @@ Task<int64_t> Qcow2Node::write(uint64_t offset, uint64_t length, const void* buf
       pos += n;
       in += n;
     }
+    l2_cache_.trim();
+    refblock_cache_.trim();
   }
   if (pos < end) {
     co_await lock_.lock();
@@ -947,7 +953,7 @@ Task<int64_t> Qcow2Node::write(uint64_t offset, uint64_t length, const void* buf
       pos += n;
       in += n;
     }
-    if (int r = co_await trim_caches(true); r < 0) co_return r;
+    if (int r = co_await trim_caches(); r < 0) co_return r;
   }
   if (flags & block::kRequestFua) {
     if (int64_t r = co_await flush(); r < 0) co_return r;
@@ -1005,7 +1011,7 @@ Task<int64_t> Qcow2Node::write_zeroes(uint64_t offset, uint64_t length, uint32_t
           r < 0) {
         co_return r;
       }
-      if (int r = co_await trim_caches(true); r < 0) co_return r;
+      if (int r = co_await trim_caches(); r < 0) co_return r;
     }
     pos += n;
   }
@@ -1048,7 +1054,7 @@ Task<int64_t> Qcow2Node::discard(uint64_t offset, uint64_t length) noexcept {
   for (uint64_t cluster = first; cluster < last; ++cluster) {
     if (int r = co_await discard_cluster(cluster); r < 0) co_return r;
   }
-  if (int r = co_await trim_caches(true); r < 0) co_return r;
+  if (int r = co_await trim_caches(); r < 0) co_return r;
   co_return 0;
 }
 

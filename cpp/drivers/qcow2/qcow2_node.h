@@ -172,7 +172,9 @@ class Qcow2Node final : public block::Node, public Qcow2Snapshots {
   Task<int> write_dirty(MetadataCache& cache) noexcept;
   Task<int> write_l1() noexcept;
   Task<int> flush_metadata() noexcept;
-  Task<int> trim_caches(bool exclusive) noexcept;
+  // Writes back and evicts what exceeds the cache sizes (exclusive lock held, at the end of an
+  // operation: never while a table is held across an await).
+  Task<int> trim_caches() noexcept;
   bool overlaps_metadata(uint64_t host_offset) const noexcept;
 
   // ---- Write paths (exclusive lock held).
@@ -184,6 +186,7 @@ class Qcow2Node final : public block::Node, public Qcow2Snapshots {
   Task<int> read_l1(uint64_t offset, uint32_t entries, std::vector<uint64_t>& out) noexcept;
   Task<int> adjust_tree_refcounts(const std::vector<uint64_t>& l1, int64_t delta) noexcept;
   Task<int> recompute_copied() noexcept;
+  Task<int> write_metadata_together() noexcept;
   Task<int> write_snapshot_table(std::vector<SnapshotEntry> entries) noexcept;
 
   Qcow2Options qcow2_options_;

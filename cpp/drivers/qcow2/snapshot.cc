@@ -110,6 +110,20 @@ Task<int> Qcow2Node::recompute_copied() noexcept {
   co_return 0;
 }
 
+Task<int> Qcow2Node::write_metadata_together() noexcept {
+  // Refcount changes of clusters the active tables reach and the COPIED flags that describe them
+  // cannot change atomically; either order is safe here (a flag stale in either direction only
+  // costs a copy, and an image whose header does not yet reference a new snapshot has leaks at
+  // worst), so both go out in one burst of writes, keeping the window in which `qemu-img check`
+  // would see a flag mismatch as short as possible, and are then synced together.
+  if (int r = co_await write_dirty(refblock_cache_); r < 0) co_return r;
+  if (int r = co_await write_dirty(l2_cache_); r < 0) co_return r;
+  if (l1_dirty_) {
+    if (int r = co_await write_l1(); r < 0) co_return r;
+  }
+  co_return co_await file_sync();
+}
+
 Task<int> Qcow2Node::write_snapshot_table(std::vector<SnapshotEntry> entries) noexcept {
   // The new table goes to new clusters; the header switches to it in one write.
   const std::vector<uint8_t> bytes = encode_snapshot_table(entries);
@@ -177,8 +191,10 @@ Task<int> Qcow2Node::create_snapshot(std::string name) noexcept {
     free_hint_ = 0;
     co_return r;
   }
-  // 3. Everything is shared now: no active entry is COPIED.
+  // 3. Everything is shared now: no active entry is COPIED. The cleared flags and the
+  //    increments reach the file back to back (see write_metadata_together).
   if (int r = co_await recompute_copied(); r < 0) co_return r;
+  if (int r = co_await write_metadata_together(); r < 0) co_return r;
   // 4. The snapshot table with the new entry, then the header.
   SnapshotEntry entry;
   entry.l1_table_offset = l1_copy;
@@ -196,6 +212,8 @@ Task<int> Qcow2Node::create_snapshot(std::string name) noexcept {
   entries.push_back(std::move(entry));
   if (int r = co_await write_snapshot_table(std::move(entries)); r < 0) co_return r;
   if (int r = co_await flush_metadata(); r < 0) co_return r;
+  l2_cache_.trim();
+  refblock_cache_.trim();
   co_return co_await file_sync();
 }
 
@@ -217,7 +235,9 @@ Task<int> Qcow2Node::delete_snapshot(size_t index) noexcept {
     co_return r;
   }
   if (int r = co_await recompute_copied(); r < 0) co_return r;
-  if (int r = co_await flush_metadata(); r < 0) co_return r;
+  if (int r = co_await write_metadata_together(); r < 0) co_return r;
+  l2_cache_.trim();
+  refblock_cache_.trim();
   co_return co_await file_sync();
 }
 
@@ -248,7 +268,9 @@ Task<int> Qcow2Node::revert_snapshot(size_t index) noexcept {
   // 3. The old active tree loses its references; then COPIED where refcounts dropped to one.
   if (int r = co_await adjust_tree_refcounts(old, -1); r < 0) co_return r;
   if (int r = co_await recompute_copied(); r < 0) co_return r;
-  if (int r = co_await flush_metadata(); r < 0) co_return r;
+  if (int r = co_await write_metadata_together(); r < 0) co_return r;
+  l2_cache_.trim();
+  refblock_cache_.trim();
   co_return co_await file_sync();
 }
 
