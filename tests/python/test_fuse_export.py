@@ -420,6 +420,52 @@ def test_query_and_delete_while_a_process_holds_the_file(setup: Setup) -> None:
     assert is_mounted(setup.mountpoint)
 
 
+def test_delete_while_requests_are_in_flight(setup: Setup) -> None:
+    proc = setup.start()
+    setup.add(writable=True)
+    busy = threading.Event()
+    failures: list[int] = []
+
+    def hammer(seed: int) -> None:
+        fd = os.open(setup.mountpoint, os.O_RDWR)
+        try:
+            count = 0
+            while True:
+                offset = ((count * 7919 + seed * 104729) % 1024) * 4096
+                try:
+                    if count % 2:
+                        os.pwrite(fd, b"w" * 4096, offset)
+                    else:
+                        os.pread(fd, 65536, offset % (4 * MiB - 65536))
+                except OSError as error:
+                    failures.append(error.errno)
+                    return
+                count += 1
+                if count == 200:
+                    busy.set()
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    assert busy.wait(30)
+    setup.delete()
+    for thread in threads:
+        thread.join(30)
+    # Every client lost its connection (requests cut off in flight get ECONNABORTED), and the
+    # daemon carries on.
+    assert len(failures) == len(threads)
+    assert set(failures) <= {errno.ENOTCONN, errno.ECONNABORTED}
+    assert not is_mounted(setup.mountpoint)
+    assert proc.qmp.command("query-block-exports") == []
+    setup.add()
+    assert Path(setup.mountpoint).stat().st_size == 4 * MiB
+
+
 @pytest.mark.parametrize("allow_other", ["off", "on", "auto"])
 def test_allow_other(setup: Setup, allow_other: str) -> None:
     setup.start(export=f",allow-other={allow_other}")
