@@ -235,10 +235,11 @@ Task<Status> Qcow2Node::load() noexcept {
           "check -r all' to repair it";
     }
   }
-  if ((header_.incompatible_features & kIncompatDirty) && !read_only()) {
+  const bool repair = (header_.incompatible_features & kIncompatDirty) && !read_only();
+  if (repair && header_.find_extension(kExtBitmaps)) {
     co_return Status::generic(
-        "qcow2: the image is marked dirty (it was not closed cleanly with lazy refcounts); "
-        "blockd cannot repair refcounts: run 'qemu-img check -r all' or open it read-only");
+        "qcow2: the image is marked dirty and has persistent bitmaps, whose refcounts blockd "
+        "cannot rebuild: run 'qemu-img check -r all' or open it read-only");
   }
   cluster_bits_ = header_.cluster_bits;
   l2_entries_ = header_.l2_entries();
@@ -323,6 +324,13 @@ Task<Status> Qcow2Node::load() noexcept {
   l2_cache_.set_capacity(l2_bytes / cluster_size());
   refblock_cache_.set_capacity(refcount_bytes / cluster_size());
   set_size(static_cast<int64_t>(header_.size));
+  if (repair) {
+    // Left dirty by a writer with lazy refcounts: refcounts may be anything; recount them.
+    if (int r = co_await rebuild_refcounts(); r < 0) {
+      co_return Status::generic("qcow2: could not repair the refcounts of the dirty image: " +
+                                errno_text(r));
+    }
+  }
   co_return Status::ok();
 }
 
@@ -347,6 +355,88 @@ Status Qcow2Node::attach_backing(const Qcow2Options& options, const OpenBackingF
   if (!child) return child.status();
   backing_ = *child;
   return Status::ok();
+}
+
+Task<int> Qcow2Node::rebuild_refcounts() noexcept {
+  // Count every reference the image's metadata makes, cluster by cluster.
+  std::vector<uint64_t> counts(host_end_ >> cluster_bits_, 0);
+  bool outside = false;
+  auto count = [&](uint64_t offset, uint64_t length) {
+    if (length == 0) return;
+    for (uint64_t c = offset >> cluster_bits_; c <= (offset + length - 1) >> cluster_bits_; ++c) {
+      if (c < counts.size()) {
+        ++counts[c];
+      } else {
+        outside = true;
+      }
+    }
+  };
+  count(0, cluster_size());
+  count(header_.l1_table_offset, l1_.size() * 8);
+  count(header_.refcount_table_offset, uint64_t{header_.refcount_table_clusters} << cluster_bits_);
+  for (uint64_t block : refcount_table_) count(block & ~kRefcountTableReservedMask, block ? 1 : 0);
+  count(header_.snapshots_offset, snapshot_table_size(snapshots_));
+  std::vector<std::vector<uint64_t>> trees = {l1_};
+  for (const SnapshotEntry& s : snapshots_) {
+    count(s.l1_table_offset, uint64_t{s.l1_size} * 8);
+    trees.emplace_back();
+    if (int r = co_await read_l1(s.l1_table_offset, s.l1_size, trees.back()); r < 0) co_return r;
+  }
+  for (const auto& tree : trees) {
+    for (uint64_t l1_entry : tree) {
+      if (!check_l1_entry(l1_entry, cluster_bits_, host_end_).empty()) co_return -EIO;
+      const uint64_t l2_offset = l1_entry & kOffsetMask;
+      if (l2_offset == 0) continue;
+      count(l2_offset, cluster_size());
+      TablePtr table;
+      if (int r = co_await load_table(l2_cache_, l2_offset, table); r < 0) co_return r;
+      for (uint64_t i = 0; i < l2_entries_; ++i) {
+        const uint64_t entry = table->entry(i);
+        if (!check_l2_entry(entry, header_.version, cluster_bits_, host_end_).empty()) co_return -EIO;
+        switch (classify_l2_entry(entry, header_.version)) {
+          case ClusterKind::kNormal:
+          case ClusterKind::kZeroAllocated:
+            count(entry & kOffsetMask, cluster_size());
+            break;
+          case ClusterKind::kCompressed: {
+            const CompressedExtent extent = decode_compressed_entry(entry, cluster_bits_);
+            count(extent.host_offset, std::min(extent.length, host_end_ - extent.host_offset));
+            break;
+          }
+          default:
+            break;
+        }
+      }
+      l2_cache_.trim();
+    }
+  }
+  if (outside) co_return -EIO;
+  // Store the counts. A referenced cluster whose refcount block is missing cannot be fixed in
+  // place (a new block would take a cluster that may be in use).
+  for (uint64_t c = 0; c < counts.size(); ++c) {
+    TablePtr block;
+    if (int r = co_await refblock_for(c, false, block); r < 0) co_return r;
+    if (!block) {
+      if (counts[c] != 0) co_return -EIO;
+      continue;
+    }
+    if (counts[c] > max_refcount(header_.refcount_order)) co_return -EFBIG;
+    const uint64_t slot = c % refblock_entries_;
+    if (qcow2::get_refcount(block->data.data(), slot, header_.refcount_order) != counts[c]) {
+      set_refcount(block->data.data(), slot, header_.refcount_order, counts[c]);
+      block->dirty = true;
+    }
+    if (refblock_cache_.over_capacity()) {
+      if (int r = co_await write_dirty(refblock_cache_); r < 0) co_return r;
+      refblock_cache_.trim();
+    }
+  }
+  // COPIED flags follow the new counts, then the image is clean again.
+  if (int r = co_await recompute_copied(); r < 0) co_return r;
+  if (int r = co_await flush_metadata(); r < 0) co_return r;
+  header_.incompatible_features &= ~kIncompatDirty;
+  if (int r = co_await write_header(); r < 0) co_return r;
+  co_return co_await file_sync();
 }
 
 // ---- Tables

@@ -9,9 +9,9 @@
 // Supported: cluster sizes 512 B to 2 MiB, refcount widths 1 to 64 bits, zero clusters, reading
 // zlib-compressed clusters, backing files (with the backing-format extension), unknown header
 // extensions kept, lazy refcounts (accepted; blockd always updates refcounts), the corrupt bit
-// (the image opens read-only), internal snapshots. Refused with a clear message: encryption,
-// external data files, extended L2 entries, zstd compression, and opening a dirty image
-// read-write (qemu-img check -r all repairs it).
+// (the image opens read-only), the dirty bit (a dirty image opened read-write has its refcounts
+// recounted, as QEMU does), internal snapshots. Refused with a clear message: encryption,
+// external data files, extended L2 entries, zstd compression.
 //
 // Metadata (L2 tables, refcount blocks) lives in a write-back cache sized by l2-cache-size and
 // refcount-cache-size. Its writes are ordered so that a crash at any point leaves at worst leaked

@@ -139,6 +139,10 @@ class Qcow2Node final : public block::Node, public Qcow2Snapshots {
   Task<int> file_sync() noexcept;
   Task<int> write_header() noexcept;
 
+  // Recounts every cluster's references and stores the counts (for an image left dirty by a
+  // writer with lazy refcounts), recomputes COPIED and clears the dirty bit.
+  Task<int> rebuild_refcounts() noexcept;
+
   // ---- Tables.
   Task<int> load_table(MetadataCache& cache, uint64_t offset, TablePtr& out) noexcept;
   TablePtr new_table(MetadataCache& cache, uint64_t offset);
