@@ -357,6 +357,29 @@ Status Qcow2Node::attach_backing(const Qcow2Options& options, const OpenBackingF
   return Status::ok();
 }
 
+int Qcow2Node::data_extents(const Table& table, std::vector<CompressedExtent>& out) const {
+  out.clear();
+  for (uint64_t i = 0; i < l2_entries_; ++i) {
+    const uint64_t entry = table.entry(i);
+    if (!check_l2_entry(entry, header_.version, cluster_bits_, host_end_).empty()) return -EIO;
+    switch (classify_l2_entry(entry, header_.version)) {
+      case ClusterKind::kNormal:
+      case ClusterKind::kZeroAllocated:
+        out.push_back({entry & kOffsetMask, cluster_size()});
+        break;
+      case ClusterKind::kCompressed: {
+        CompressedExtent extent = decode_compressed_entry(entry, cluster_bits_);
+        extent.length = std::min(extent.length, host_end_ - extent.host_offset);
+        out.push_back(extent);
+        break;
+      }
+      default:
+        break;
+    }
+  }
+  return 0;
+}
+
 Task<int> Qcow2Node::rebuild_refcounts() noexcept {
   // Count every reference the image's metadata makes, cluster by cluster.
   std::vector<uint64_t> counts(host_end_ >> cluster_bits_, 0);
@@ -390,23 +413,9 @@ Task<int> Qcow2Node::rebuild_refcounts() noexcept {
       count(l2_offset, cluster_size());
       TablePtr table;
       if (int r = co_await load_table(l2_cache_, l2_offset, table); r < 0) co_return r;
-      for (uint64_t i = 0; i < l2_entries_; ++i) {
-        const uint64_t entry = table->entry(i);
-        if (!check_l2_entry(entry, header_.version, cluster_bits_, host_end_).empty()) co_return -EIO;
-        switch (classify_l2_entry(entry, header_.version)) {
-          case ClusterKind::kNormal:
-          case ClusterKind::kZeroAllocated:
-            count(entry & kOffsetMask, cluster_size());
-            break;
-          case ClusterKind::kCompressed: {
-            const CompressedExtent extent = decode_compressed_entry(entry, cluster_bits_);
-            count(extent.host_offset, std::min(extent.length, host_end_ - extent.host_offset));
-            break;
-          }
-          default:
-            break;
-        }
-      }
+      std::vector<CompressedExtent> extents;
+      if (int r = data_extents(*table, extents); r < 0) co_return r;
+      for (const CompressedExtent& extent : extents) count(extent.host_offset, extent.length);
       l2_cache_.trim();
     }
   }

@@ -142,6 +142,8 @@ class Qcow2Node final : public block::Node, public Qcow2Snapshots {
   // Recounts every cluster's references and stores the counts (for an image left dirty by a
   // writer with lazy refcounts), recomputes COPIED and clears the dirty bit.
   Task<int> rebuild_refcounts() noexcept;
+  // The host ranges the data entries of an L2 table occupy (-EIO for a corrupt entry).
+  int data_extents(const Table& table, std::vector<CompressedExtent>& out) const;
 
   // ---- Tables.
   Task<int> load_table(MetadataCache& cache, uint64_t offset, TablePtr& out) noexcept;

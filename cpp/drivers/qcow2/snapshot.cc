@@ -46,25 +46,11 @@ Task<int> Qcow2Node::adjust_tree_refcounts(const std::vector<uint64_t>& l1, int6
     if (l2_offset == 0) continue;
     TablePtr table;
     if (int r = co_await load_table(l2_cache_, l2_offset, table); r < 0) co_return r;
-    for (uint64_t i = 0; i < l2_entries_; ++i) {
-      const uint64_t entry = table->entry(i);
-      if (!check_l2_entry(entry, header_.version, cluster_bits_, host_end_).empty()) co_return -EIO;
-      switch (classify_l2_entry(entry, header_.version)) {
-        case ClusterKind::kNormal:
-        case ClusterKind::kZeroAllocated:
-          if (int r = co_await update_refcount(entry & kOffsetMask, cluster_size(), delta); r < 0) {
-            co_return r;
-          }
-          break;
-        case ClusterKind::kCompressed: {
-          const CompressedExtent extent = decode_compressed_entry(entry, cluster_bits_);
-          if (int r = co_await update_refcount(extent.host_offset, extent.length, delta); r < 0) {
-            co_return r;
-          }
-          break;
-        }
-        default:
-          break;
+    std::vector<CompressedExtent> extents;
+    if (int r = data_extents(*table, extents); r < 0) co_return r;
+    for (const CompressedExtent& extent : extents) {
+      if (int r = co_await update_refcount(extent.host_offset, extent.length, delta); r < 0) {
+        co_return r;
       }
     }
     if (int r = co_await update_refcount(l2_offset, cluster_size(), delta); r < 0) co_return r;
