@@ -49,6 +49,34 @@ std::string Node::filename() const { return "json:" + open_options().dump(); }
 
 void Node::set_loop(Loop& loop) noexcept { loop_ = &loop; }
 
+Status Node::move_to_loop(Loop& loop, const User* owner) {
+  // Collect the subtree, then check that every use of its nodes comes from inside it.
+  std::vector<Node*> subtree{this};
+  for (size_t i = 0; i < subtree.size(); ++i) {
+    for (const auto& child : subtree[i]->children_) {
+      Node* below = child->node();
+      if (below != nullptr &&
+          std::find(subtree.begin(), subtree.end(), below) == subtree.end()) {
+        subtree.push_back(below);
+      }
+    }
+  }
+  for (Node* node : subtree) {
+    for (const User* user : node->users_) {
+      if (user == owner) continue;
+      const auto* edge = dynamic_cast<const Child*>(user);
+      if (edge != nullptr &&
+          std::find(subtree.begin(), subtree.end(), edge->parent()) != subtree.end()) {
+        continue;
+      }
+      return Status::generic("Node '" + node->node_name() + "' is also used by " +
+                             user->user_description() + ", so it cannot move to another thread");
+    }
+  }
+  for (Node* node : subtree) node->loop_ = &loop;
+  return Status::ok();
+}
+
 Child* Node::file_child() const noexcept {
   for (const auto& child : children_) {
     if (child->name() == "file") return child.get();

@@ -185,6 +185,12 @@ class Node {
   Loop& loop() const noexcept { return *loop_; }
   void set_loop(Loop& loop) noexcept;
 
+  // Moves this node and every node below it to `loop` (an iothread's, or back to the main loop),
+  // provided that nothing outside the subtree uses any of them except `owner` (a user of this
+  // node). Otherwise nothing moves and the error names the other use. Main loop; no request may
+  // be in flight in the subtree.
+  Status move_to_loop(Loop& loop, const User* owner);
+
  protected:
   // What this node needs from `child` given the combined needs of its own users (`permissions` and
   // `shared`). The default suits a format or filter: it forwards what users take, reads

@@ -237,6 +237,32 @@ TEST_F(NodeTest, GraphListsNewestFirst) {
   EXPECT_EQ(nodes[1]->node_name(), "a");
 }
 
+TEST_F(NodeTest, MoveToLoopTakesTheWholeSubtreeOnlyWhenNothingElseUsesIt) {
+  auto base = null_node("null0");
+  auto raw = raw_node("raw0", base);
+  auto other_loop = testing::make_loop();
+  BlockBackend owner("block export 'exp0'");
+  ASSERT_TRUE(owner.attach(raw, kPermConsistentRead, kPermAll));
+
+  // Another user of the child: nothing moves, and the error names that user.
+  BlockBackend bystander("block export 'exp1'");
+  ASSERT_TRUE(bystander.attach(base, kPermConsistentRead, kPermAll));
+  Status refused = raw->move_to_loop(*other_loop, &owner);
+  ASSERT_FALSE(refused);
+  EXPECT_THAT(refused.message(), HasSubstr("Node 'null0' is also used by block export 'exp1'"));
+  EXPECT_EQ(&raw->loop(), loop_.get());
+  EXPECT_EQ(&base->loop(), loop_.get());
+
+  // Alone: the node and its child move, and come back the same way.
+  bystander.detach();
+  ASSERT_TRUE(raw->move_to_loop(*other_loop, &owner));
+  EXPECT_EQ(&raw->loop(), other_loop.get());
+  EXPECT_EQ(&base->loop(), other_loop.get());
+  ASSERT_TRUE(raw->move_to_loop(*loop_, &owner));
+  EXPECT_EQ(&base->loop(), loop_.get());
+  owner.detach();
+}
+
 TEST(NodeNameTest, Validation) {
   EXPECT_TRUE(validate_node_name("a"));
   EXPECT_TRUE(validate_node_name("disk0"));
