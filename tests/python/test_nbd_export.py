@@ -530,3 +530,76 @@ def test_fio_nbd_engine_writes_and_verifies(session: Session, sock: str, tmp_pat
         assert result["read"]["io_bytes"] == 32 << 20  # every block read back and verified
     # What fio wrote is in the image file itself.
     assert image.read_bytes() != bytes(32 << 20)
+
+
+def thread_cpu_ticks(name: str) -> int:
+    """utime + stime of this process's thread called `name` (engines run in-process here)."""
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                if f.read().strip() != name:
+                    continue
+            with open(f"/proc/self/task/{task}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])
+        except FileNotFoundError:
+            continue
+    raise AssertionError(f"no thread named {name!r}")
+
+
+@needs_libnbd
+def test_export_in_an_iothread(session: Session, sock: str, tmp_path: Path) -> None:
+    """block-export-add iothread=...: the node moves to the iothread and every request of the
+    export's clients runs there; the node comes back when the export is gone."""
+    image = Path("/dev/shm") / f"blockd-iothread-{os.getpid()}.raw"
+    make_image(image, 64 << 20)
+    try:
+        session.qmp("object-add", qom_type="iothread", id="io0")
+        export_file(session, image, sock, iothread="io0")
+        h = connect(sock)
+        busy_before = thread_cpu_ticks("IO io0")
+        block = bytes(range(256)) * 4096  # 1 MiB
+        for i in range(300):
+            h.pwrite(block, (i % 64) << 20)
+            assert h.pread(len(block), (i % 64) << 20) == block
+        h.flush()
+        # 600 MiB copied in and out of the page cache: far more than a few ticks of CPU, all of
+        # it in the iothread.
+        assert thread_cpu_ticks("IO io0") - busy_before >= 5
+        assert session.error("object-del", id="io0") == \
+            ("GenericError", "object 'io0' is in use, can not be deleted")
+        # A new parent would open on the main loop while its child runs in the iothread.
+        assert session.error("blockdev-add", driver="raw", node_name="raw0", file="file0") == \
+            ("GenericError", "Node 'file0' is exported from an iothread and cannot get another parent")
+        h.shutdown()
+        session.qmp("block-export-del", id="exp0")
+        session.events("BLOCK_EXPORT_DELETED")
+        session.qmp("object-del", id="io0")  # the node is back on the main loop
+        session.qmp("blockdev-del", node_name="file0")
+        assert image.read_bytes()[:len(block)] == block
+    finally:
+        image.unlink()
+
+
+@needs_libnbd
+def test_iothread_export_of_a_shared_node(session: Session, sock: str, tmp_path: Path) -> None:
+    """A node that another export uses cannot move: without fixed-iothread the new export stays
+    with the node (as QEMU does), with fixed-iothread it fails and leaves nothing behind."""
+    image = tmp_path / "disk.raw"
+    make_image(image, 1 << 20)
+    session.qmp("object-add", qom_type="iothread", id="io0")
+    export_file(session, image, sock)  # exp0 on the main loop
+    assert session.error("block-export-add", type="nbd", id="e1", node_name="file0", name="n1",
+                         iothread="nope") == ("GenericError", 'iothread "nope" not found')
+    error_class, desc = session.error("block-export-add", type="nbd", id="e1", node_name="file0",
+                                      name="n1", iothread="io0", fixed_iothread=True)
+    assert error_class == "GenericError"
+    assert "block export 'exp0'" in desc and "cannot move" in desc, desc
+    assert [e["id"] for e in session.qmp("query-block-exports")] == ["exp0"]
+    session.qmp("block-export-add", type="nbd", id="e1", node_name="file0", name="n1", iothread="io0",
+                writable=True)
+    h = connect(sock, name="n1")
+    h.pwrite(b"shared", 0)
+    assert h.pread(6, 0) == b"shared"
+    h.shutdown()
+    session.qmp("object-del", id="io0")  # nothing moved to it

@@ -75,7 +75,7 @@ void BufferPool::put(Buffer buffer) {
 
 // ---- Connection.
 
-Connection::Connection(Server& server, int fd) : server_(server), loop_(server.loop()), fd_(fd) {}
+Connection::Connection(Server& server, int fd) : server_(server), loop_(&server.loop()), fd_(fd) {}
 
 Connection::~Connection() {
   if (fd_ >= 0) ::close(fd_);
@@ -84,7 +84,9 @@ Connection::~Connection() {
 void Connection::disconnect() noexcept {
   if (disconnected_ || fd_ < 0) return;
   disconnected_ = true;
-  closing_ = true;
+  // In an iothread the transmission state belongs to that thread: shutting the socket down is
+  // enough, the reader sees it and winds down there.
+  if (!on_export_loop_) closing_ = true;
   ::shutdown(fd_, SHUT_RDWR);
 }
 
@@ -109,7 +111,7 @@ Task<bool> Connection::read_exact(void* buffer, size_t length) {
     const size_t room = direct ? length : kReceiveBufferSize;
     // A direct read waits for the whole remainder (MSG_WAITALL): one completion per payload
     // instead of one per socket buffer's worth.
-    const int got = co_await loop_.recv(fd_, target, room, direct ? MSG_WAITALL : 0);
+    const int got = co_await loop_->recv(fd_, target, room, direct ? MSG_WAITALL : 0);
     if (got <= 0) {
       if (got == -EINTR || got == -EAGAIN) continue;
       co_return false;
@@ -139,7 +141,7 @@ Task<bool> Connection::discard(uint64_t length) {
     if (!receive_buffer_) receive_buffer_.reset(new uint8_t[kReceiveBufferSize]);
     // Never more than what is to be skipped: the next request may follow in the stream.
     const size_t room = static_cast<size_t>(std::min<uint64_t>(length, kReceiveBufferSize));
-    const int got = co_await loop_.recv(fd_, receive_buffer_.get(), room, 0);
+    const int got = co_await loop_->recv(fd_, receive_buffer_.get(), room, 0);
     if (got <= 0) {
       if (got == -EINTR || got == -EAGAIN) continue;
       co_return false;
@@ -155,7 +157,7 @@ Task<bool> Connection::send_all(iovec* iov, int count) {
     msghdr message{};
     message.msg_iov = iov;
     message.msg_iovlen = static_cast<size_t>(std::min(count, IOV_MAX));
-    const int sent = co_await loop_.sendmsg(fd_, &message, MSG_NOSIGNAL);
+    const int sent = co_await loop_->sendmsg(fd_, &message, MSG_NOSIGNAL);
     if (sent < 0) {
       if (sent == -EINTR || sent == -EAGAIN) continue;
       co_return false;
@@ -212,7 +214,7 @@ void Connection::attach(NbdExport* nbd_export) {
 }
 
 Task<void> Connection::watchdog(std::shared_ptr<Connection> self) {
-  auto timer = self->loop_.sleep(self->server_.options().handshake_timeout);
+  auto timer = self->loop_->sleep(self->server_.options().handshake_timeout);
   self->watchdog_timer_ = &timer;
   const int result = co_await timer;
   self->watchdog_timer_ = nullptr;
@@ -512,7 +514,8 @@ Task<void> Connection::writer() {
     }
     if (!broken_ && !co_await send_all(iov.data(), static_cast<int>(iov.size()))) {
       broken_ = true;
-      disconnect();
+      closing_ = true;
+      ::shutdown(fd_, SHUT_RDWR);  // the reader stops at its next receive
     }
     std::vector<std::coroutine_handle<>> ready;
     ready.reserve(batch.size());
@@ -812,7 +815,7 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
 }
 
 Task<void> Connection::transmission() {
-  loop_.spawn(writer());
+  loop_->spawn(writer());
   const bool extended = reply_mode_ == ReplyMode::kExtended;
   const RequestContext base{static_cast<uint64_t>(export_->backend().size()), export_->writable(),
                             reply_mode_ != ReplyMode::kSimple, base_allocation_, extended};
@@ -883,7 +886,7 @@ Task<void> Connection::transmission() {
     }
     ++in_flight_;
     buffered_bytes_ += buffer.capacity();
-    loop_.spawn(handle_request(shared_from_this(), *request, final_error, std::move(buffer)));
+    loop_->spawn(handle_request(shared_from_this(), *request, final_error, std::move(buffer)));
   }
   closing_ = true;
   reader_idle();
@@ -893,13 +896,41 @@ Task<void> Connection::transmission() {
   while (!writer_done_) co_await progress_.wait();
 }
 
+namespace {
+
+// Suspends the coroutine and resumes it on `loop`'s thread.
+struct ResumeOn {
+  Loop& loop;
+  bool await_ready() const noexcept { return false; }
+  void await_suspend(std::coroutine_handle<> handle) { loop.post([handle] { handle.resume(); }); }
+  void await_resume() const noexcept {}
+};
+
+}  // namespace
+
 Task<void> Connection::run(std::shared_ptr<Connection> self) {
   Connection& c = *self;
-  c.loop_.spawn(watchdog(self));
+  Loop& main = *c.loop_;
+  c.loop_->spawn(watchdog(self));
   const bool transmit = co_await c.handshake();
   c.handshake_done_ = true;
-  if (c.watchdog_timer_ != nullptr) c.loop_.cancel(c.watchdog_timer_);
-  if (transmit && !c.disconnected_) co_await c.transmission();
+  if (c.watchdog_timer_ != nullptr) c.loop_->cancel(c.watchdog_timer_);
+  if (transmit && !c.disconnected_) {
+    // Requests run where the exported node lives: an export in an iothread moves the whole
+    // transmission phase to that thread, and the connection comes back to end.
+    Loop& node_loop = c.export_->backend().root()->loop();
+    if (&node_loop != &main) {
+      c.on_export_loop_ = true;
+      c.loop_ = &node_loop;
+      co_await ResumeOn{node_loop};
+      co_await c.transmission();
+      c.loop_ = &main;
+      co_await ResumeOn{main};
+      c.on_export_loop_ = false;
+    } else {
+      co_await c.transmission();
+    }
+  }
   c.disconnected_ = true;
   if (c.fd_ >= 0) {
     ::close(c.fd_);

@@ -120,9 +120,10 @@ class Connection : public std::enable_shared_from_this<Connection> {
   SendAwaiter send(PendingReply& reply) { return SendAwaiter{this, &reply}; }
 
   Server& server_;
-  Loop& loop_;
+  Loop* loop_;  // the server's (main) loop, or the export's iothread during transmission
   int fd_;
-  bool disconnected_ = false;
+  bool disconnected_ = false;  // main loop
+  bool on_export_loop_ = false;  // main loop: the transmission runs in the export's iothread
   static constexpr size_t kReceiveBufferSize = 128u << 10;
   std::unique_ptr<uint8_t[]> receive_buffer_;
   size_t receive_start_ = 0;  // unread bytes are [receive_start_, receive_end_)

@@ -40,8 +40,16 @@ Task<void> NbdExport::shut_down() {
   }
   while (clients_ > 0) co_await clients_changed_.wait();
   co_await backend_->drain();
+  // A node this export took to an iothread comes back to the main loop, unless someone else
+  // still uses it there.
+  Loop& main = *Loop::current();  // shut_down runs on the main loop
+  if (&backend_->root()->loop() != &main) (void)move_to(main);
   backend_->detach();
   server_ = nullptr;
+}
+
+Status NbdExport::move_to(Loop& loop) {
+  return backend_->root()->move_to_loop(loop, backend_.get());
 }
 
 // ---- Server.

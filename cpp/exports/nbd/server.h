@@ -78,6 +78,11 @@ class NbdExport final : public Export, public std::enable_shared_from_this<NbdEx
   size_t client_count() const noexcept override { return clients_; }
   Task<void> shut_down() override;
 
+  // Moves the exported node (with everything below it) to `loop`, an iothread's: clients that
+  // connect from then on have their requests served there. Fails, moving nothing, when anything
+  // but this export uses a node of that subtree. Main loop, before any client is attached.
+  Status move_to(Loop& loop);
+
  private:
   friend class Server;
   friend class Connection;

@@ -39,6 +39,12 @@ Expected<std::shared_ptr<Node>> resolve_child(qmp::Context& context, const Block
     if (!node) {
       return Status::generic("Cannot find device='" + *name + "' nor node-name='" + *name + "'");
     }
+    // A new parent opens on the main loop; it cannot share a child that an export has taken to
+    // an iothread (QEMU would move the parent there too).
+    if (&node->loop() != &context.main_loop()) {
+      return Status::generic("Node '" + *name +
+                             "' is exported from an iothread and cannot get another parent");
+    }
     return node;
   }
   auto node = open_node(context, *std::get<Box<BlockdevOptions>>(ref), inherited);

@@ -165,25 +165,54 @@ struct NbdExportRequest {
   std::string id;
   std::string node_name;
   std::optional<std::string> iothread;
+  bool fixed_iothread = false;
+  bool allocation_depth = false;
   exports::nbd::NbdExportOptions options;
 };
 
+// The loop of the iothread object named `iothread`.
+Expected<Loop*> find_iothread(qmp::Context& context, const std::string& iothread) {
+  auto it = context.objects().find(iothread);
+  auto* object = it == context.objects().end() ? nullptr : dynamic_cast<qmp::IoThread*>(it->second.get());
+  if (object == nullptr) return Status::generic("iothread \"" + iothread + "\" not found");
+  return &object->thread().loop();
+}
+
 Status check_iothread(qmp::Context& context, const std::optional<std::string>& iothread) {
   if (!iothread) return Status::ok();
-  auto it = context.objects().find(*iothread);
-  if (it == context.objects().end() || it->second->type_name() != "iothread") {
-    return Status::generic("iothread \"" + *iothread + "\" not found");
-  }
+  BLOCKD_RETURN_IF_ERROR(find_iothread(context, *iothread).status());
   return Status::generic("Exports in an iothread are not supported by blockd yet");
 }
 
 Status add_nbd_export(qmp::Context& context, const NbdExportRequest& request,
                       const std::shared_ptr<block::Node>& node) {
-  BLOCKD_RETURN_IF_ERROR(check_iothread(context, request.iothread));
+  Loop* iothread = nullptr;
+  if (request.iothread) {
+    auto found = find_iothread(context, *request.iothread);
+    if (!found) return found.status();
+    iothread = *found;
+  }
   if (!context.nbd_server()) return Status::generic("NBD server not running");
+  if (request.allocation_depth) {
+    // QEMU would offer the qemu:allocation-depth metadata context; blockd does not have it yet.
+    return Status::generic("allocation-depth is not supported by blockd yet");
+  }
   auto created = context.nbd_server()->add_export(request.options, node);
   if (!created) return created.status();
-  context.exports().insert(context.exports().begin(), std::move(created).value());
+  std::shared_ptr<exports::nbd::NbdExport> added = std::move(created).value();
+  // Requests are served in the iothread once the node has moved there. A node that others use
+  // stays where it is, as QEMU does without fixed-iothread; with it, the export fails.
+  if (iothread != nullptr && &node->loop() != iothread) {
+    Status moved = added->move_to(*iothread);
+    if (!moved.is_ok() && request.fixed_iothread) {
+      context.run_nested([](std::shared_ptr<exports::nbd::NbdExport> doomed) -> Task<bool> {
+        co_await doomed->shut_down();
+        co_return true;
+      }(added));
+      return moved;
+    }
+  }
+  context.exports().insert(context.exports().begin(), std::move(added));
   return Status::ok();
 }
 
@@ -278,14 +307,12 @@ Status qmp_block_export_add(qmp::Context& context, const BlockExportOptions& opt
       return Status::generic("Bitmap '" + bitmap_name + "' is not found");
     }
   }
-  if (nbd.allocation_depth.value_or(false) && !options.iothread && context.nbd_server()) {
-    // QEMU would offer the qemu:allocation-depth metadata context; blockd does not have it yet.
-    return Status::generic("allocation-depth is not supported by blockd yet");
-  }
   NbdExportRequest request;
   request.id = options.id;
   request.node_name = options.node_name;
   request.iothread = options.iothread;
+  request.fixed_iothread = options.fixed_iothread.value_or(false);
+  request.allocation_depth = nbd.allocation_depth.value_or(false);
   request.options.id = options.id;
   request.options.name = nbd.name.value_or(options.node_name);
   request.options.description = nbd.description.value_or("");

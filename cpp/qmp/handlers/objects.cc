@@ -51,8 +51,17 @@ Status qmp_object_add(qmp::Context& context, const ObjectOptions& options) {
 Status qmp_object_del(qmp::Context& context, const ObjectDelArgs& args) {
   auto it = context.objects().find(args.id);
   if (it == context.objects().end()) return Status::generic("object '" + args.id + "' not found");
-  // Nothing runs in an iothread yet (nodes and exports stay on the main loop), so deleting one
-  // cannot strand a user; this must refuse busy iothreads once nodes can move to them.
+  // An iothread that still runs a node (an NBD export moved it there) must stay: stopping it would
+  // strand the node's requests. (QEMU 7.2 deletes it anyway and aborts on the next request; blockd
+  // refuses with QEMU's message for objects in use.)
+  if (auto* iothread = dynamic_cast<qmp::IoThread*>(it->second.get())) {
+    Loop& loop = iothread->thread().loop();
+    for (const auto& node : context.graph().nodes()) {
+      if (&node->loop() == &loop) {
+        return Status::generic("object '" + args.id + "' is in use, can not be deleted");
+      }
+    }
+  }
   context.objects().erase(it);
   return Status::ok();
 }
