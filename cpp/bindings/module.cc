@@ -100,6 +100,17 @@ void bind_engine(py::module_& module) {
             return engine.wait_shutdown(wait);
           },
           py::arg("timeout") = py::none())
+      // Test hooks (not part of the public API): drive the clock of the event rate limiting.
+      .def("_test_manual_event_clock",
+           [](Engine& engine) { engine.events().TEST_use_manual_clock(); })
+      .def(
+          "_test_advance_event_clock",
+          [](Engine& engine, double seconds) {
+            py::gil_scoped_release release;
+            engine.events().TEST_advance_clock(
+                std::chrono::nanoseconds(static_cast<int64_t>(seconds * 1e9)));
+          },
+          py::arg("seconds"))
       .def("shutdown", [](Engine& engine) {
         py::gil_scoped_release release;
         engine.shutdown();
