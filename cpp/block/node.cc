@@ -249,6 +249,20 @@ Expected<Child*> Node::add_child(std::string name, std::shared_ptr<Node> child_n
   return children_.back().get();
 }
 
+void Node::remove_child(Child& child) noexcept {
+  auto it = std::find_if(children_.begin(), children_.end(),
+                         [&](const std::unique_ptr<Child>& edge) { return edge.get() == &child; });
+  if (it != children_.end()) children_.erase(it);
+}
+
+Status Node::add_dynamic_child(std::shared_ptr<Node>) {
+  return Status::generic("The node " + node_name() + " does not support adding a child");
+}
+
+Status Node::remove_dynamic_child(Child&) {
+  return Status::generic("The node " + node_name() + " does not support removing a child");
+}
+
 void Node::child_permissions(const Child&, uint32_t permissions, uint32_t shared,
                              uint32_t& child_permissions, uint32_t& child_shared) const {
   // Pass the users' needs through. A resize of the child is never shared: the node's size

@@ -181,6 +181,12 @@ class Node {
   // its current users. The edge is owned by this node and keeps `child` alive.
   Expected<Child*> add_child(std::string name, std::shared_ptr<Node> child);
 
+  // x-blockdev-change: attaches `child` as a new child of the driver's choosing, or detaches the
+  // edge `child`. Drivers without a variable set of children refuse, with QEMU's messages ("The
+  // node N does not support adding a child" / "... removing a child").
+  virtual Status add_dynamic_child(std::shared_ptr<Node> child);
+  virtual Status remove_dynamic_child(Child& child);
+
   // The loop that runs this node's I/O.
   Loop& loop() const noexcept { return *loop_; }
   void set_loop(Loop& loop) noexcept;
@@ -204,6 +210,9 @@ class Node {
   virtual void apply_permissions(uint32_t permissions, uint32_t shared);
 
   void set_size(int64_t size) noexcept { size_ = size; }
+  // Drops the edge `child` (releasing its permissions, and the child node with it unless it is
+  // used elsewhere). Main loop, with no request in flight on this node.
+  void remove_child(Child& child) noexcept;
 
   NodeOptions options_;
 

@@ -6,11 +6,15 @@
 #include <cstdio>
 #include <cstring>
 
+#include "drivers/blkdebug.h"
 #include "drivers/file.h"
 #include "drivers/null.h"
 #include "drivers/qcow2/qcow2.h"
+#include "drivers/quorum.h"
 #include "drivers/raw.h"
 #include "qapi/commands.h"
+#include "qapi/events.h"
+#include "qapi/visit.h"
 #include "qmp/context.h"
 #include "qmp/handlers/snapshots.h"
 
@@ -78,6 +82,106 @@ Expected<NodeOptions> common_options(qmp::Context& context, const BlockdevOption
   if (options.discard) common.discard = std::string(to_string(*options.discard));
   if (options.detect_zeroes) common.detect_zeroes = std::string(to_string(*options.detect_zeroes));
   return common;
+}
+
+// Turns the quorum driver's reports into QUORUM_REPORT_BAD / QUORUM_FAILURE events.
+drivers::QuorumEventSink quorum_events(qmp::EventBus& bus) {
+  return [&bus](const drivers::QuorumEvent& event) {
+    if (event.kind == drivers::QuorumEvent::Kind::kFailure) {
+      emit_quorum_failure(bus, QuorumFailureEvent{event.node_name, event.sector_num,
+                                                  event.sectors_count});
+      return;
+    }
+    QuorumReportBadEvent data;
+    switch (event.op) {
+      case drivers::QuorumEvent::Op::kRead:
+        data.type = QuorumOpType::kRead;
+        break;
+      case drivers::QuorumEvent::Op::kWrite:
+        data.type = QuorumOpType::kWrite;
+        break;
+      case drivers::QuorumEvent::Op::kFlush:
+        data.type = QuorumOpType::kFlush;
+        break;
+    }
+    data.error = event.error;
+    data.node_name = event.node_name;
+    data.sector_num = event.sector_num;
+    data.sectors_count = event.sectors_count;
+    emit_quorum_report_bad(bus, data);
+  };
+}
+
+Expected<std::shared_ptr<Node>> open_quorum(qmp::Context& context, NodeOptions common,
+                                            const BlockdevOptionsQuorum& quorum,
+                                            const Inherited& for_children) {
+  drivers::QuorumOptions options;
+  options.vote_threshold = quorum.vote_threshold;
+  options.blkverify = quorum.blkverify;
+  options.rewrite_corrupted = quorum.rewrite_corrupted;
+  if (quorum.read_pattern) {
+    options.read_pattern = *quorum.read_pattern == QuorumReadPattern::kFifo
+                               ? drivers::QuorumOptions::ReadPattern::kFifo
+                               : drivers::QuorumOptions::ReadPattern::kQuorum;
+  }
+  options.events = quorum_events(context.events());
+  // The options are checked before any child is opened, as in QEMU.
+  BLOCKD_RETURN_IF_ERROR(drivers::validate_quorum_options(options, quorum.children.size()));
+  std::vector<std::shared_ptr<Node>> children;
+  for (const BlockdevRef& ref : quorum.children) {
+    auto child = resolve_child(context, ref, for_children);
+    if (!child) return child.status();
+    children.push_back(std::move(child).value());
+  }
+  return drivers::open_quorum_node(std::move(common), std::move(options), std::move(children),
+                                   context.main_loop());
+}
+
+Expected<std::shared_ptr<Node>> open_blkdebug(qmp::Context& context, NodeOptions common,
+                                              const BlockdevOptionsBlkdebug& blkdebug,
+                                              const Inherited& for_children) {
+  auto refuse = [](const char* option) {
+    return Status::generic(std::string("blkdebug option '") + option +
+                           "' is not supported by blockd (use inject-error and set-state)");
+  };
+  if (blkdebug.config) return refuse("config");
+  if (blkdebug.align) return refuse("align");
+  if (blkdebug.max_transfer) return refuse("max-transfer");
+  if (blkdebug.opt_write_zero) return refuse("opt-write-zero");
+  if (blkdebug.max_write_zero) return refuse("max-write-zero");
+  if (blkdebug.opt_discard) return refuse("opt-discard");
+  if (blkdebug.max_discard) return refuse("max-discard");
+  if (blkdebug.take_child_perms) return refuse("take-child-perms");
+  if (blkdebug.unshare_child_perms) return refuse("unshare-child-perms");
+  drivers::BlkdebugOptions options;
+  for (const BlkdebugInjectErrorOptions& rule : blkdebug.inject_error.value_or(
+           std::vector<BlkdebugInjectErrorOptions>{})) {
+    drivers::BlkdebugInjectError inject;
+    inject.event = std::string(to_string(rule.event));
+    inject.state = rule.state.value_or(0);
+    if (rule.iotype) inject.iotype = static_cast<drivers::BlkdebugIoType>(*rule.iotype);
+    inject.error = rule.errno_.value_or(EIO);
+    inject.sector = rule.sector.value_or(-1);
+    inject.once = rule.once.value_or(false);
+    inject.immediately = rule.immediately.value_or(false);
+    options.inject_error.push_back(std::move(inject));
+  }
+  for (const BlkdebugSetStateOptions& rule :
+       blkdebug.set_state.value_or(std::vector<BlkdebugSetStateOptions>{})) {
+    options.set_state.push_back(drivers::BlkdebugSetState{std::string(to_string(rule.event)),
+                                                          rule.state.value_or(0), rule.new_state});
+  }
+  auto rules_json = [](const auto& rules) {
+    nlohmann::json list = nlohmann::json::array();
+    for (const auto& rule : rules) list.push_back(to_json(rule));
+    return list;
+  };
+  if (blkdebug.inject_error) options.given_rules["inject-error"] = rules_json(*blkdebug.inject_error);
+  if (blkdebug.set_state) options.given_rules["set-state"] = rules_json(*blkdebug.set_state);
+  auto image = resolve_child(context, blkdebug.image, for_children);
+  if (!image) return image.status();
+  return drivers::open_blkdebug_node(std::move(common), std::move(options),
+                                     std::move(image).value(), context.main_loop());
 }
 
 Expected<std::shared_ptr<Node>> open_node(qmp::Context& context, const BlockdevOptions& options,
@@ -220,6 +324,12 @@ Expected<std::shared_ptr<Node>> open_node(qmp::Context& context, const BlockdevO
           drivers::open_null_node(std::move(common).value(), driver_options, context.main_loop());
       break;
     }
+    case BlockdevDriver::kQuorum:
+      node = open_quorum(context, std::move(common).value(), *options.u.quorum, for_children);
+      break;
+    case BlockdevDriver::kBlkdebug:
+      node = open_blkdebug(context, std::move(common).value(), *options.u.blkdebug, for_children);
+      break;
     default:
       return Status::generic("Driver '" + std::string(to_string(options.driver)) +
                              "' is not supported by blockd yet");
@@ -290,6 +400,30 @@ Status qmp_blockdev_del(qmp::Context& context, const BlockdevDelArgs& args) {
     (void)context.run_nested(node->flush());
   }
   return context.graph().remove(args.node_name);
+}
+
+Status qmp_x_blockdev_change(qmp::Context& context, const XBlockdevChangeArgs& args) {
+  auto parent = context.graph().find(args.parent);
+  if (!parent) {
+    return Status::generic("Cannot find device='" + args.parent + "' nor node-name='" +
+                           args.parent + "'");
+  }
+  if (args.child && args.node) {
+    return Status::generic("The parameters child and node are in conflict");
+  }
+  if (args.child) {
+    for (const auto& edge : parent->children()) {
+      if (edge->name() == *args.child) return parent->remove_dynamic_child(*edge);
+    }
+    return Status::generic("Node '" + args.parent + "' does not have child '" + *args.child +
+                           "'");
+  }
+  if (args.node) {
+    auto node = context.graph().find(*args.node);
+    if (!node) return Status::generic("Node '" + *args.node + "' not found");
+    return parent->add_dynamic_child(std::move(node));
+  }
+  return Status::generic("Either child or node must be specified");
 }
 
 Expected<std::vector<BlockDeviceInfo>> qmp_query_named_block_nodes(

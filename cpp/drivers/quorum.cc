@@ -1,0 +1,541 @@
+// The quorum driver; see quorum.h. Behaviour follows QEMU 7.2's block/quorum (not its code).
+#include "drivers/quorum.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+
+#include "drivers/qemu_json.h"
+#include "runtime/join.h"
+
+namespace blockd::drivers {
+namespace {
+
+using block::BlockStatus;
+using block::Node;
+
+constexpr uint64_t kSectorSize = 512;
+constexpr size_t kBufferAlignment = 4096;
+// Scratch buffers kept for reuse between reads (beyond these, buffers are freed after use).
+constexpr size_t kMaxPooledBuffers = 64;
+
+// A heap buffer aligned for O_DIRECT children.
+struct ScratchBuffer {
+  struct Free {
+    void operator()(char* p) const noexcept { std::free(p); }
+  };
+  std::unique_ptr<char, Free> data;
+  size_t capacity = 0;
+};
+
+// A hash of the whole buffer, 64-bit words mixed one after another (the tail byte-wise). Groups
+// are confirmed with memcmp, so a collision can never merge different data.
+uint64_t hash_bytes(const char* data, size_t length) noexcept {
+  uint64_t hash = 0x9e3779b97f4a7c15ull ^ length;
+  size_t i = 0;
+  for (; i + 8 <= length; i += 8) {
+    uint64_t word;
+    std::memcpy(&word, data + i, 8);
+    hash = (hash ^ word) * 0xff51afd7ed558ccdull;
+    hash ^= hash >> 32;
+  }
+  for (; i < length; ++i) hash = (hash ^ static_cast<unsigned char>(data[i])) * 0x100000001b3ull;
+  return hash;
+}
+
+// Small per-request arrays: inline for the usual handful of children.
+template <typename T>
+class ChildArray {
+ public:
+  explicit ChildArray(size_t count) : count_(count) {
+    if (count > kInline) heap_.resize(count);
+  }
+  T& operator[](size_t i) noexcept { return count_ > kInline ? heap_[i] : inline_[i]; }
+  size_t size() const noexcept { return count_; }
+
+ private:
+  static constexpr size_t kInline = 8;
+  size_t count_;
+  std::array<T, kInline> inline_{};
+  std::vector<T> heap_;
+};
+
+Task<void> read_child(Node& child, uint64_t offset, uint64_t length, void* buffer, uint32_t flags,
+                      int64_t& result) {
+  result = co_await child.read(offset, length, buffer, flags);
+}
+
+Task<void> write_child(Node& child, uint64_t offset, uint64_t length, const void* buffer,
+                       uint32_t flags, int64_t& result) {
+  result = co_await child.write(offset, length, buffer, flags);
+}
+
+Task<void> write_zeroes_child(Node& child, uint64_t offset, uint64_t length, uint32_t flags,
+                              int64_t& result) {
+  result = co_await child.write_zeroes(offset, length, flags);
+}
+
+Task<void> flush_child(Node& child, int64_t& result) { result = co_await child.flush(); }
+
+class QuorumNode final : public Node {
+ public:
+  QuorumNode(block::NodeOptions common, QuorumOptions options)
+      : Node(std::move(common)), quorum_(std::move(options)) {}
+
+  Status attach_children(std::vector<std::shared_ptr<Node>> children) {
+    for (auto& child : children) {
+      auto edge = add_child("children." + std::to_string(next_index_), std::move(child));
+      if (!edge) return edge.status();
+      ++next_index_;
+    }
+    const int64_t length = this->children().front()->node()->size();
+    for (const auto& edge : this->children()) {
+      if (edge->node()->size() != length) {
+        return Status::generic("Could not refresh total sector count: Input/output error");
+      }
+    }
+    set_size(length);
+    return Status::ok();
+  }
+
+  std::string_view driver_name() const noexcept override { return "quorum"; }
+  std::string filename() const override { return json_filename(open_options()); }
+
+  nlohmann::json open_options() const override {
+    nlohmann::json children = nlohmann::json::array();
+    for (const auto& edge : this->children()) children.push_back(edge->node()->open_options());
+    nlohmann::json options = {
+        {"driver", "quorum"}, {"children", children}, {"vote-threshold", quorum_.vote_threshold}};
+    if (quorum_.blkverify) options["blkverify"] = *quorum_.blkverify;
+    if (quorum_.rewrite_corrupted) options["rewrite-corrupted"] = *quorum_.rewrite_corrupted;
+    if (quorum_.read_pattern) {
+      options["read-pattern"] =
+          *quorum_.read_pattern == QuorumOptions::ReadPattern::kFifo ? "fifo" : "quorum";
+    }
+    return options;
+  }
+
+  uint32_t request_alignment() const noexcept override {
+    uint32_t alignment = 1;
+    for (const auto& edge : children()) {
+      alignment = std::max(alignment, edge->node()->request_alignment());
+    }
+    return alignment;
+  }
+
+  uint64_t max_transfer() const noexcept override {
+    uint64_t limit = Node::max_transfer();
+    for (const auto& edge : children()) limit = std::min(limit, edge->node()->max_transfer());
+    return limit;
+  }
+
+  bool supports_write_zeroes() const noexcept override {
+    return std::all_of(children().begin(), children().end(),
+                       [](const auto& edge) { return edge->node()->supports_write_zeroes(); });
+  }
+
+  Task<int64_t> read(uint64_t offset, uint64_t length, void* buffer,
+                     uint32_t flags) noexcept override;
+  Task<int64_t> write(uint64_t offset, uint64_t length, const void* buffer,
+                      uint32_t flags) noexcept override;
+  Task<int64_t> write_zeroes(uint64_t offset, uint64_t length, uint32_t flags) noexcept override;
+  Task<int64_t> flush() noexcept override;
+  Task<BlockStatus> block_status(uint64_t offset, uint64_t length) noexcept override;
+
+  Status add_dynamic_child(std::shared_ptr<Node> child) override;
+  Status remove_dynamic_child(block::Child& child) override;
+
+ protected:
+  void child_permissions(const block::Child&, uint32_t permissions, uint32_t shared,
+                         uint32_t& child_permissions, uint32_t& child_shared) const override {
+    child_permissions = permissions;
+    // Repairs write to the children even when the users only read.
+    if (quorum_.rewrite_corrupted.value_or(false) && !read_only()) {
+      child_permissions |= block::kPermWrite;
+    }
+    // Another writer or a resize would make the children differ: never shared.
+    child_shared = (shared & block::kPermConsistentRead) | block::kPermWriteUnchanged;
+  }
+
+ private:
+  bool fifo() const noexcept {
+    return quorum_.read_pattern.value_or(QuorumOptions::ReadPattern::kQuorum) ==
+           QuorumOptions::ReadPattern::kFifo;
+  }
+
+  void report(QuorumEvent::Kind kind, QuorumEvent::Op op, int64_t error, const std::string& node,
+              uint64_t offset, uint64_t length) {
+    if (!quorum_.events) return;
+    QuorumEvent event;
+    event.kind = kind;
+    event.op = op;
+    if (error < 0) event.error = errno_text(static_cast<int>(error));
+    event.node_name = node;
+    const uint64_t first = offset / kSectorSize;
+    const uint64_t end = (offset + length + kSectorSize - 1) / kSectorSize;
+    event.sector_num = static_cast<int64_t>(first);
+    event.sectors_count = static_cast<int64_t>(end - first);
+    quorum_.events(event);
+  }
+  void report_bad(QuorumEvent::Op op, int64_t error, Node& child, uint64_t offset,
+                  uint64_t length) {
+    report(QuorumEvent::Kind::kReportBad, op, error, child.node_name(), offset, length);
+  }
+  void report_failure(uint64_t offset, uint64_t length) {
+    report(QuorumEvent::Kind::kFailure, QuorumEvent::Op::kRead, 0, node_name(), offset, length);
+  }
+
+  // The most frequent error among the failed children (QEMU's choice when too few succeeded).
+  static int64_t vote_error(ChildArray<int64_t>& results) {
+    int64_t best = -EIO;
+    size_t best_count = 0;
+    for (size_t i = 0; i < results.size(); ++i) {
+      if (results[i] >= 0) continue;
+      size_t count = 0;
+      for (size_t j = 0; j < results.size(); ++j) count += results[j] == results[i];
+      if (count > best_count) {
+        best = results[i];
+        best_count = count;
+      }
+    }
+    return best;
+  }
+
+  // Snapshot of the children for one request; requests keep the node's in-flight count so that
+  // x-blockdev-change can wait for them before removing an edge.
+  struct InFlight {
+    QuorumNode* node;
+    explicit InFlight(QuorumNode* n) : node(n) { ++node->in_flight_; }
+    ~InFlight() { --node->in_flight_; }
+  };
+  Node& child_node(size_t i) const noexcept { return *children()[i]->node(); }
+
+  ScratchBuffer take_buffer(size_t length) {
+    for (size_t i = 0; i < pool_.size(); ++i) {
+      if (pool_[i].capacity >= length) {
+        ScratchBuffer buffer = std::move(pool_[i]);
+        pool_[i] = std::move(pool_.back());
+        pool_.pop_back();
+        return buffer;
+      }
+    }
+    ScratchBuffer buffer;
+    buffer.capacity = (std::max<size_t>(length, 4096) + kBufferAlignment - 1) & ~(kBufferAlignment - 1);
+    buffer.data.reset(static_cast<char*>(std::aligned_alloc(kBufferAlignment, buffer.capacity)));
+    if (!buffer.data) buffer.capacity = 0;
+    return buffer;
+  }
+  void give_back(ScratchBuffer buffer) {
+    if (buffer.data && pool_.size() < kMaxPooledBuffers) pool_.push_back(std::move(buffer));
+  }
+
+  // Reports the children whose write failed; the request succeeds when enough did.
+  int64_t finish_write(ChildArray<int64_t>& results, uint64_t offset, uint64_t length) {
+    size_t successes = 0;
+    for (size_t i = 0; i < results.size(); ++i) {
+      if (results[i] >= 0) {
+        ++successes;
+      } else {
+        report_bad(QuorumEvent::Op::kWrite, results[i], child_node(i), offset, length);
+      }
+    }
+    if (successes >= static_cast<size_t>(quorum_.vote_threshold)) return 0;
+    report_failure(offset, length);
+    return vote_error(results);
+  }
+
+  Task<int64_t> read_fifo(uint64_t offset, uint64_t length, void* buffer, uint32_t flags) noexcept;
+  Task<int64_t> vote(uint64_t offset, uint64_t length, void* buffer, ChildArray<char*>& data,
+                     ChildArray<int64_t>& results);
+  // Runs `change` on the node's loop once no request is in flight.
+  Status change_children(const std::function<Status()>& change);
+
+  QuorumOptions quorum_;
+  unsigned next_index_ = 0;
+  size_t in_flight_ = 0;
+  std::vector<ScratchBuffer> pool_;
+};
+
+Task<int64_t> QuorumNode::read_fifo(uint64_t offset, uint64_t length, void* buffer,
+                                    uint32_t flags) noexcept {
+  int64_t result = -EIO;
+  for (size_t i = 0; i < children().size(); ++i) {
+    Node& child = child_node(i);
+    result = co_await child.read(offset, length, buffer, flags);
+    if (result >= 0) co_return 0;
+    report_bad(QuorumEvent::Op::kRead, result, child, offset, length);
+  }
+  co_return result;
+}
+
+Task<int64_t> QuorumNode::read(uint64_t offset, uint64_t length, void* buffer,
+                               uint32_t flags) noexcept {
+  InFlight guard(this);
+  if (fifo()) co_return co_await read_fifo(offset, length, buffer, flags);
+  const size_t count = children().size();
+  // Child 0 reads straight into the caller's buffer; the others into scratch buffers.
+  ChildArray<ScratchBuffer> scratch(count);
+  ChildArray<char*> data(count);
+  ChildArray<int64_t> results(count);
+  data[0] = static_cast<char*>(buffer);
+  for (size_t i = 1; i < count; ++i) {
+    scratch[i] = take_buffer(length);
+    data[i] = scratch[i].data.get();
+    if (data[i] == nullptr) co_return -ENOMEM;
+  }
+  {
+    Join join;
+    for (size_t i = 0; i < count; ++i) {
+      join.start(loop(), read_child(child_node(i), offset, length, data[i], flags, results[i]));
+    }
+    co_await join.wait();
+  }
+  const int64_t result = co_await vote(offset, length, buffer, data, results);
+  for (size_t i = 1; i < count; ++i) give_back(std::move(scratch[i]));
+  co_return result;
+}
+
+Task<int64_t> QuorumNode::vote(uint64_t offset, uint64_t length, void* buffer,
+                               ChildArray<char*>& data, ChildArray<int64_t>& results) {
+  const size_t count = results.size();
+  const auto threshold = static_cast<size_t>(quorum_.vote_threshold);
+  size_t successes = 0;
+  size_t first = count;
+  for (size_t i = 0; i < count; ++i) {
+    if (results[i] >= 0) {
+      ++successes;
+      if (first == count) first = i;
+    } else {
+      report_bad(QuorumEvent::Op::kRead, results[i], child_node(i), offset, length);
+    }
+  }
+  if (successes < threshold) {
+    report_failure(offset, length);
+    co_return vote_error(results);
+  }
+  // The fast path: every successful read returned the same bytes.
+  bool agree = true;
+  for (size_t i = first + 1; i < count && agree; ++i) {
+    if (results[i] >= 0) agree = std::memcmp(data[first], data[i], length) == 0;
+  }
+  if (agree) {
+    if (first != 0) std::memcpy(buffer, data[first], length);
+    co_return 0;
+  }
+  // Vote: group the children by their data (hash first, bytes to confirm). group[i] is the
+  // lowest-numbered child with the same data as child i.
+  ChildArray<uint64_t> hashes(count);
+  ChildArray<size_t> group(count);
+  ChildArray<size_t> votes(count);
+  for (size_t i = 0; i < count; ++i) {
+    if (results[i] < 0) continue;
+    hashes[i] = hash_bytes(data[i], length);
+    group[i] = i;
+    for (size_t j = 0; j < i; ++j) {
+      if (results[j] >= 0 && group[j] == j && hashes[j] == hashes[i] &&
+          std::memcmp(data[j], data[i], length) == 0) {
+        group[i] = j;
+        break;
+      }
+    }
+    ++votes[group[i]];
+  }
+  // The largest group wins; among equal groups the one first seen on the highest-numbered child.
+  size_t winner = count;
+  for (size_t i = 0; i < count; ++i) {
+    if (results[i] >= 0 && group[i] == i && (winner == count || votes[i] >= votes[winner])) {
+      winner = i;
+    }
+  }
+  if (votes[winner] < threshold) {
+    report_failure(offset, length);
+    co_return -EIO;
+  }
+  const bool rewrite = quorum_.rewrite_corrupted.value_or(false);
+  for (size_t i = 0; i < count; ++i) {
+    if (results[i] >= 0 && group[i] != winner) {
+      report_bad(QuorumEvent::Op::kRead, 0, child_node(i), offset, length);
+    }
+  }
+  if (winner != 0) std::memcpy(buffer, data[winner], length);
+  if (rewrite) {
+    // Repairs complete before the read does; their own failures are not the reader's concern.
+    ChildArray<int64_t> repaired(count);
+    Join join;
+    for (size_t i = 0; i < count; ++i) {
+      if (results[i] >= 0 && group[i] != winner) {
+        join.start(loop(), write_child(child_node(i), offset, length, buffer, 0, repaired[i]));
+      }
+    }
+    co_await join.wait();
+  }
+  co_return 0;
+}
+
+Task<int64_t> QuorumNode::write(uint64_t offset, uint64_t length, const void* buffer,
+                                uint32_t flags) noexcept {
+  InFlight guard(this);
+  const size_t count = children().size();
+  ChildArray<int64_t> results(count);
+  {
+    Join join;
+    for (size_t i = 0; i < count; ++i) {
+      join.start(loop(), write_child(child_node(i), offset, length, buffer, flags, results[i]));
+    }
+    co_await join.wait();
+  }
+  co_return finish_write(results, offset, length);
+}
+
+Task<int64_t> QuorumNode::write_zeroes(uint64_t offset, uint64_t length, uint32_t flags) noexcept {
+  InFlight guard(this);
+  const size_t count = children().size();
+  ChildArray<int64_t> results(count);
+  {
+    Join join;
+    for (size_t i = 0; i < count; ++i) {
+      join.start(loop(), write_zeroes_child(child_node(i), offset, length, flags, results[i]));
+    }
+    co_await join.wait();
+  }
+  // Without a fallback a child may refuse; the caller then writes zero buffers to the whole
+  // quorum, which repeats this request's effect on the children that did succeed.
+  if (flags & block::kRequestNoFallback) {
+    for (size_t i = 0; i < count; ++i) {
+      if (results[i] == -ENOTSUP) co_return -ENOTSUP;
+    }
+  }
+  co_return finish_write(results, offset, length);
+}
+
+Task<int64_t> QuorumNode::flush() noexcept {
+  InFlight guard(this);
+  const size_t count = children().size();
+  ChildArray<int64_t> results(count);
+  {
+    Join join;
+    for (size_t i = 0; i < count; ++i) join.start(loop(), flush_child(child_node(i), results[i]));
+    co_await join.wait();
+  }
+  size_t successes = 0;
+  for (size_t i = 0; i < count; ++i) {
+    if (results[i] >= 0) {
+      ++successes;
+    } else {
+      report_bad(QuorumEvent::Op::kFlush, results[i], child_node(i), 0, 0);
+    }
+  }
+  if (successes >= static_cast<size_t>(quorum_.vote_threshold)) co_return 0;
+  co_return vote_error(results);
+}
+
+Task<BlockStatus> QuorumNode::block_status(uint64_t offset, uint64_t length) noexcept {
+  InFlight guard(this);
+  const uint64_t size = static_cast<uint64_t>(this->size());
+  if (offset >= size) co_return BlockStatus{0, 0};
+  length = std::min(length, size - offset);
+  // Zero only where every child reads as zero (for the shortest such run); data otherwise, for
+  // the longest data run any child reports.
+  uint64_t zero_run = length;
+  uint64_t data_run = 0;
+  for (size_t i = 0; i < children().size(); ++i) {
+    Node& child = child_node(i);
+    const BlockStatus status = co_await child.block_status(offset, length);
+    if (status.bytes < 0) {
+      report_bad(QuorumEvent::Op::kRead, status.bytes, child, offset, length);
+      data_run = length;
+      break;
+    }
+    const uint64_t run = std::clamp<uint64_t>(static_cast<uint64_t>(status.bytes), 1, length);
+    if (status.flags & block::kStatusZero) {
+      zero_run = std::min(zero_run, run);
+    } else {
+      data_run = std::max(data_run, run);
+    }
+  }
+  if (data_run > 0) {
+    co_return BlockStatus{static_cast<int64_t>(data_run),
+                          block::kStatusData | block::kStatusAllocated};
+  }
+  co_return BlockStatus{static_cast<int64_t>(zero_run),
+                        block::kStatusZero | block::kStatusAllocated};
+}
+
+Status QuorumNode::change_children(const std::function<Status()>& change) {
+  // Requests keep pointers to the children: they finish before an edge changes. The count is
+  // only read here while no request can start (the main loop runs this handler; a node on another
+  // loop is changed from inside that loop).
+  if (in_flight_ == 0 && (Loop::current() == nullptr || Loop::current() == &loop())) {
+    return change();
+  }
+  auto drain_and_change = [&]() -> Status {
+    loop().run_until([&] { return in_flight_ == 0; });
+    return change();
+  };
+  if (Loop::current() == &loop()) return drain_and_change();
+  return loop().call(drain_and_change);
+}
+
+Status QuorumNode::add_dynamic_child(std::shared_ptr<Node> child) {
+  if (quorum_.blkverify.value_or(false)) {
+    return Status::generic("Cannot add a child to a quorum in blkverify mode");
+  }
+  if (!child->users().empty()) {
+    return Status::generic("The node " + child->node_name() + " already has a parent");
+  }
+  if (next_index_ == UINT32_MAX) return Status::generic("Too many children");
+  return change_children([&]() -> Status {
+    auto edge = add_child("children." + std::to_string(next_index_), std::move(child));
+    if (!edge) return edge.status();
+    ++next_index_;
+    return Status::ok();
+  });
+}
+
+Status QuorumNode::remove_dynamic_child(block::Child& child) {
+  if (static_cast<int64_t>(children().size()) <= quorum_.vote_threshold) {
+    return Status::generic("The number of children cannot be lower than the vote threshold " +
+                           std::to_string(quorum_.vote_threshold));
+  }
+  return change_children([&]() -> Status {
+    // Removing the newest child gives its index back, as QEMU does.
+    if (child.name() == "children." + std::to_string(next_index_ - 1)) --next_index_;
+    remove_child(child);
+    return Status::ok();
+  });
+}
+
+}  // namespace
+
+Status validate_quorum_options(const QuorumOptions& options, size_t children) {
+  if (children < 1) return Status::generic("Number of provided children must be 1 or more");
+  if (options.vote_threshold < 1) {
+    return Status::generic("Parameter 'vote-threshold' expects a value >= 1");
+  }
+  if (static_cast<uint64_t>(options.vote_threshold) > children) {
+    return Status::generic("threshold may not exceed children count");
+  }
+  const bool blkverify = options.blkverify.value_or(false);
+  if (blkverify && (children != 2 || options.vote_threshold != 2)) {
+    return Status::generic(
+        "blkverify=on can only be set if there are exactly two files and vote-threshold is 2");
+  }
+  if (blkverify && options.rewrite_corrupted.value_or(false)) {
+    return Status::generic("rewrite-corrupted=on cannot be used with blkverify=on");
+  }
+  return Status::ok();
+}
+
+Expected<std::shared_ptr<Node>> open_quorum_node(block::NodeOptions common, QuorumOptions options,
+                                                 std::vector<std::shared_ptr<Node>> children,
+                                                 Loop& loop) {
+  BLOCKD_RETURN_IF_ERROR(validate_quorum_options(options, children.size()));
+  auto node = std::make_shared<QuorumNode>(std::move(common), std::move(options));
+  node->set_loop(loop);
+  BLOCKD_RETURN_IF_ERROR(node->attach_children(std::move(children)));
+  return std::shared_ptr<Node>(std::move(node));
+}
+
+}  // namespace blockd::drivers

@@ -1,0 +1,82 @@
+// The quorum driver: a node that keeps the same data on several children and outvotes the ones
+// that fail or return different data.
+//
+// Implements QEMU 7.2's "quorum" (BlockdevOptionsQuorum) as qemu-storage-daemon 7.2 behaves:
+//  - Reads, read-pattern "quorum": every child is read in parallel. When all successful reads
+//    agree the data is returned. Otherwise each successful child's data is hashed over the whole
+//    request and the children are grouped by equal data; the largest group (ties: the group whose
+//    data was first seen on the highest-numbered child, as QEMU) wins if it has at least
+//    vote-threshold members; its data is returned, every other successful child is reported bad
+//    and, with rewrite-corrupted, rewritten with the winning data before the read completes.
+//    Fewer than vote-threshold successful reads, or no group large enough, fails the read
+//    (QUORUM_FAILURE).
+//  - Reads, read-pattern "fifo": children are read in order until one succeeds.
+//  - Writes and write-zeroes go to every child in parallel and succeed when at least vote-threshold
+//    children did (else QUORUM_FAILURE); flush likewise, without QUORUM_FAILURE.
+//  - A failing child request is reported (QUORUM_REPORT_BAD with its error text) in every mode.
+//  - blkverify: two children, threshold 2; a mismatch fails the read with EIO and is reported as
+//    a quorum failure. (QEMU prints the offset and exits the process; blockd may run inside a
+//    Python process, so it never exits.)
+//  - Block status merges the children: data if any child reports data, else zero for the shortest
+//    zero run.
+//  - x-blockdev-change adds a child named "children.N" with the next index and removes one, never
+//    below the threshold (QEMU's messages).
+// Events carry sector numbers in 512-byte units covering the request (flush: 0 and 0).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "block/node.h"
+#include "runtime/loop.h"
+#include "runtime/status.h"
+
+namespace blockd::drivers {
+
+// A QUORUM_REPORT_BAD or QUORUM_FAILURE event, as the driver reports it.
+struct QuorumEvent {
+  enum class Kind { kReportBad, kFailure };
+  enum class Op { kRead, kWrite, kFlush };
+  Kind kind = Kind::kReportBad;
+  Op op = Op::kRead;                 // kReportBad only
+  std::optional<std::string> error;  // kReportBad only: the child's error text, when it failed
+  std::string node_name;  // kReportBad: the bad child; kFailure: the quorum node ("reference")
+  int64_t sector_num = 0;
+  int64_t sectors_count = 0;
+};
+
+// Called on the node's loop thread for every event; must not block.
+using QuorumEventSink = std::function<void(const QuorumEvent&)>;
+
+// Options of QEMU's BlockdevOptionsQuorum (besides the children, passed separately). Optionals
+// not given by the user stay out of the node's file name.
+struct QuorumOptions {
+  enum class ReadPattern { kQuorum, kFifo };
+  int64_t vote_threshold = 1;
+  std::optional<bool> blkverify;          // default false
+  std::optional<bool> rewrite_corrupted;  // default false
+  std::optional<ReadPattern> read_pattern;  // default kQuorum
+  QuorumEventSink events;                   // may be empty: events are dropped
+};
+
+// Checks the options against the number of children before any child is opened, in QEMU's order
+// and words (GenericError):
+//   "Number of provided children must be 1 or more"
+//   "Parameter 'vote-threshold' expects a value >= 1"
+//   "threshold may not exceed children count"
+//   "blkverify=on can only be set if there are exactly two files and vote-threshold is 2"
+//   "rewrite-corrupted=on cannot be used with blkverify=on"
+Status validate_quorum_options(const QuorumOptions& options, size_t children);
+
+// Opens a quorum node over `children` (opened or looked up by the caller) on `loop`. Main loop.
+// Errors: those of validate_quorum_options, permission errors from attaching a child, and
+// "Could not refresh total sector count: Input/output error" when the children differ in size.
+Expected<std::shared_ptr<block::Node>> open_quorum_node(
+    block::NodeOptions common, QuorumOptions options,
+    std::vector<std::shared_ptr<block::Node>> children, Loop& loop);
+
+}  // namespace blockd::drivers

@@ -1,0 +1,443 @@
+// quorum driver tests over file children (and blkdebug filters for injected errors).
+#include "drivers/quorum.h"
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <vector>
+
+#include "drivers/blkdebug.h"
+#include "drivers/file.h"
+#include "test_support.h"
+
+namespace blockd::drivers {
+namespace {
+
+using block::Node;
+using testing::run;
+
+constexpr size_t kImageSize = 1 << 20;
+
+class QuorumTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    for (int i = 0; i < 3; ++i) {
+      paths_.push_back(dir_.file("c" + std::to_string(i)));
+      std::vector<char> data(kImageSize);
+      for (size_t j = 0; j < data.size(); ++j) data[j] = static_cast<char>(j % 251);
+      write_file(i, 0, data);
+    }
+  }
+
+  void write_file(int child, uint64_t offset, const std::vector<char>& data) {
+    int fd = open(paths_[child].c_str(), O_CREAT | O_RDWR, 0644);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(pwrite(fd, data.data(), data.size(), offset), static_cast<ssize_t>(data.size()));
+    close(fd);
+  }
+
+  std::vector<char> read_file(int child, uint64_t offset, size_t length) {
+    std::vector<char> out(length);
+    int fd = open(paths_[child].c_str(), O_RDONLY);
+    EXPECT_EQ(pread(fd, out.data(), length, offset), static_cast<ssize_t>(length));
+    close(fd);
+    return out;
+  }
+
+  std::shared_ptr<Node> file_node(int child) {
+    FileOptions options;
+    options.filename = paths_[child];
+    options.locking = FileOptions::Locking::kOff;
+    auto node = open_file_node(block::NodeOptions{.node_name = "c" + std::to_string(child)},
+                               options, *loop_);
+    EXPECT_TRUE(node.has_value()) << node.status().message();
+    return *node;
+  }
+
+  // A blkdebug node named "d<child>" over child `child`'s file.
+  std::shared_ptr<Node> blkdebug_node(int child, std::vector<BlkdebugInjectError> rules,
+                                      std::vector<BlkdebugSetState> states = {}) {
+    BlkdebugOptions options;
+    options.inject_error = std::move(rules);
+    options.set_state = std::move(states);
+    auto node = open_blkdebug_node(block::NodeOptions{.node_name = "d" + std::to_string(child)},
+                                   std::move(options), file_node(child), *loop_);
+    EXPECT_TRUE(node.has_value()) << node.status().message();
+    return *node;
+  }
+
+  Expected<std::shared_ptr<Node>> quorum(QuorumOptions options,
+                                         std::vector<std::shared_ptr<Node>> children = {}) {
+    if (children.empty()) {
+      for (int i = 0; i < 3; ++i) children.push_back(file_node(i));
+    }
+    options.events = [this](const QuorumEvent& event) { events_.push_back(event); };
+    return open_quorum_node(block::NodeOptions{.node_name = "q"}, std::move(options),
+                            std::move(children), *loop_);
+  }
+
+  static QuorumOptions threshold(int64_t votes) {
+    QuorumOptions options;
+    options.vote_threshold = votes;
+    return options;
+  }
+
+  int64_t read(Node& node, uint64_t offset, std::vector<char>& out) {
+    return run(*loop_, node.read(offset, out.size(), out.data(), 0));
+  }
+
+  static std::vector<char> pattern(size_t length, char byte) {
+    return std::vector<char>(length, byte);
+  }
+
+  std::unique_ptr<Loop> loop_ = testing::make_loop();
+  testing::TempDir dir_;
+  std::vector<std::string> paths_;
+  std::vector<QuorumEvent> events_;
+};
+
+TEST_F(QuorumTest, ValidationFollowsQemu) {
+  auto message = [this](QuorumOptions options, size_t children) {
+    return validate_quorum_options(options, children).message();
+  };
+  EXPECT_EQ(message(threshold(1), 0), "Number of provided children must be 1 or more");
+  EXPECT_EQ(message(threshold(0), 3), "Parameter 'vote-threshold' expects a value >= 1");
+  EXPECT_EQ(message(threshold(4), 3), "threshold may not exceed children count");
+  QuorumOptions blkverify = threshold(2);
+  blkverify.blkverify = true;
+  EXPECT_EQ(message(blkverify, 3),
+            "blkverify=on can only be set if there are exactly two files and vote-threshold is 2");
+  EXPECT_TRUE(validate_quorum_options(blkverify, 2).is_ok());
+  blkverify.rewrite_corrupted = true;
+  EXPECT_EQ(message(blkverify, 2), "rewrite-corrupted=on cannot be used with blkverify=on");
+  QuorumOptions fifo = threshold(2);
+  fifo.read_pattern = QuorumOptions::ReadPattern::kFifo;
+  fifo.rewrite_corrupted = true;
+  EXPECT_TRUE(validate_quorum_options(fifo, 2).is_ok());
+}
+
+TEST_F(QuorumTest, ChildrenOfDifferentLengthsAreRefused) {
+  ASSERT_EQ(truncate(paths_[2].c_str(), 2 * kImageSize), 0);
+  auto node = quorum(threshold(2));
+  ASSERT_FALSE(node.has_value());
+  EXPECT_EQ(node.status().message(), "Could not refresh total sector count: Input/output error");
+}
+
+TEST_F(QuorumTest, ReadsOutvoteACorruptChild) {
+  write_file(1, 4096 + 100, pattern(50, 'X'));
+  auto node = quorum(threshold(2));
+  ASSERT_TRUE(node.has_value()) << node.status().message();
+  EXPECT_EQ((*node)->size(), static_cast<int64_t>(kImageSize));
+  std::vector<char> out(8192);
+  ASSERT_EQ(read(**node, 1000, out), 0);
+  EXPECT_EQ(out, read_file(0, 1000, 8192));
+  ASSERT_EQ(events_.size(), 1u);
+  EXPECT_EQ(events_[0].kind, QuorumEvent::Kind::kReportBad);
+  EXPECT_EQ(events_[0].op, QuorumEvent::Op::kRead);
+  EXPECT_EQ(events_[0].node_name, "c1");
+  EXPECT_FALSE(events_[0].error.has_value());
+  // Bytes [1000, 9192) are sectors 1 to 17 inclusive.
+  EXPECT_EQ(events_[0].sector_num, 1);
+  EXPECT_EQ(events_[0].sectors_count, 17);
+  // Without rewrite-corrupted the child stays corrupt.
+  EXPECT_EQ(read_file(1, 4096 + 100, 50), pattern(50, 'X'));
+}
+
+TEST_F(QuorumTest, CorruptChild0LosesAndTheCallerGetsTheWinner) {
+  write_file(0, 0, pattern(512, 'X'));
+  auto node = quorum(threshold(2));
+  ASSERT_TRUE(node.has_value());
+  std::vector<char> out(4096);
+  ASSERT_EQ(read(**node, 0, out), 0);
+  EXPECT_EQ(out, read_file(2, 0, 4096));
+  ASSERT_EQ(events_.size(), 1u);
+  EXPECT_EQ(events_[0].node_name, "c0");
+}
+
+TEST_F(QuorumTest, RewriteCorruptedRepairsTheLoser) {
+  write_file(2, 65536, pattern(4096, 'Y'));
+  QuorumOptions options = threshold(2);
+  options.rewrite_corrupted = true;
+  auto node = quorum(options);
+  ASSERT_TRUE(node.has_value());
+  std::vector<char> out(4096);
+  ASSERT_EQ(read(**node, 65536, out), 0);
+  EXPECT_EQ(read_file(2, 65536, 4096), read_file(0, 65536, 4096));
+  ASSERT_EQ(events_.size(), 1u);
+  EXPECT_EQ(events_[0].node_name, "c2");
+  events_.clear();
+  ASSERT_EQ(read(**node, 65536, out), 0);
+  EXPECT_TRUE(events_.empty());
+}
+
+TEST_F(QuorumTest, NoMajorityFailsWithEio) {
+  write_file(1, 0, pattern(512, 'A'));
+  write_file(2, 0, pattern(512, 'B'));
+  auto node = quorum(threshold(2));
+  ASSERT_TRUE(node.has_value());
+  std::vector<char> out(1024);
+  EXPECT_EQ(read(**node, 0, out), -EIO);
+  ASSERT_EQ(events_.size(), 1u);
+  EXPECT_EQ(events_[0].kind, QuorumEvent::Kind::kFailure);
+  EXPECT_EQ(events_[0].node_name, "q");
+  EXPECT_EQ(events_[0].sector_num, 0);
+  EXPECT_EQ(events_[0].sectors_count, 2);
+}
+
+TEST_F(QuorumTest, TwoAgreeingCorruptChildrenWin) {
+  write_file(1, 0, pattern(512, 'A'));
+  write_file(2, 0, pattern(512, 'A'));
+  auto node = quorum(threshold(2));
+  ASSERT_TRUE(node.has_value());
+  std::vector<char> out(512);
+  ASSERT_EQ(read(**node, 0, out), 0);
+  EXPECT_EQ(out, pattern(512, 'A'));
+  ASSERT_EQ(events_.size(), 1u);
+  EXPECT_EQ(events_[0].node_name, "c0");
+}
+
+TEST_F(QuorumTest, TiesGoToTheVersionOfTheHighestChild) {
+  write_file(1, 0, pattern(512, 'A'));
+  write_file(2, 0, pattern(512, 'B'));
+  auto node = quorum(threshold(1));
+  ASSERT_TRUE(node.has_value());
+  std::vector<char> out(512);
+  ASSERT_EQ(read(**node, 0, out), 0);
+  EXPECT_EQ(out, pattern(512, 'B'));  // as qemu-storage-daemon 7.2
+  EXPECT_EQ(events_.size(), 2u);
+}
+
+TEST_F(QuorumTest, FailingChildIsReportedWithItsError) {
+  BlkdebugInjectError rule;
+  rule.event = "read_aio";
+  auto node = quorum(threshold(2), {file_node(0), blkdebug_node(1, {rule}), file_node(2)});
+  ASSERT_TRUE(node.has_value()) << node.status().message();
+  std::vector<char> out(4096);
+  ASSERT_EQ(read(**node, 0, out), 0);
+  EXPECT_EQ(out, read_file(0, 0, 4096));
+  ASSERT_EQ(events_.size(), 1u);
+  EXPECT_EQ(events_[0].node_name, "d1");
+  EXPECT_EQ(events_[0].error, "Input/output error");
+  EXPECT_EQ(events_[0].sectors_count, 8);
+}
+
+TEST_F(QuorumTest, TooFewSuccessfulReadsFailWithTheCommonError) {
+  BlkdebugInjectError rule;
+  rule.event = "read_aio";
+  rule.error = ENOSPC;
+  auto node = quorum(threshold(2),
+                     {file_node(0), blkdebug_node(1, {rule}), blkdebug_node(2, {rule})});
+  ASSERT_TRUE(node.has_value());
+  std::vector<char> out(512);
+  EXPECT_EQ(read(**node, 512, out), -ENOSPC);
+  ASSERT_EQ(events_.size(), 3u);
+  EXPECT_EQ(events_[2].kind, QuorumEvent::Kind::kFailure);
+  EXPECT_EQ(events_[2].sector_num, 1);
+}
+
+TEST_F(QuorumTest, FifoReadsTheFirstChildThatWorks) {
+  BlkdebugInjectError rule;
+  rule.event = "read_aio";
+  write_file(2, 0, pattern(512, 'Z'));  // not read: child 1 answers first
+  QuorumOptions options = threshold(1);
+  options.read_pattern = QuorumOptions::ReadPattern::kFifo;
+  auto node = quorum(options, {blkdebug_node(0, {rule}), file_node(1), file_node(2)});
+  ASSERT_TRUE(node.has_value());
+  std::vector<char> out(512);
+  ASSERT_EQ(read(**node, 0, out), 0);
+  EXPECT_EQ(out, read_file(1, 0, 512));
+  ASSERT_EQ(events_.size(), 1u);
+  EXPECT_EQ(events_[0].node_name, "d0");
+}
+
+TEST_F(QuorumTest, WritesSucceedWithThresholdChildren) {
+  BlkdebugInjectError rule;
+  rule.event = "write_aio";
+  auto node = quorum(threshold(2), {file_node(0), file_node(1), blkdebug_node(2, {rule})});
+  ASSERT_TRUE(node.has_value());
+  const auto data = pattern(1024, 'W');
+  ASSERT_EQ(run(*loop_, (*node)->write(2048, data.size(), data.data(), 0)), 0);
+  EXPECT_EQ(read_file(0, 2048, 1024), data);
+  EXPECT_EQ(read_file(1, 2048, 1024), data);
+  EXPECT_NE(read_file(2, 2048, 1024), data);
+  ASSERT_EQ(events_.size(), 1u);
+  EXPECT_EQ(events_[0].op, QuorumEvent::Op::kWrite);
+  EXPECT_EQ(events_[0].node_name, "d2");
+  EXPECT_EQ(events_[0].sector_num, 4);
+  EXPECT_EQ(events_[0].sectors_count, 2);
+}
+
+TEST_F(QuorumTest, WritesFailBelowThreshold) {
+  BlkdebugInjectError rule;
+  rule.event = "write_aio";
+  auto node =
+      quorum(threshold(2), {file_node(0), blkdebug_node(1, {rule}), blkdebug_node(2, {rule})});
+  ASSERT_TRUE(node.has_value());
+  const auto data = pattern(512, 'W');
+  EXPECT_EQ(run(*loop_, (*node)->write(0, data.size(), data.data(), 0)), -EIO);
+  ASSERT_EQ(events_.size(), 3u);
+  EXPECT_EQ(events_[2].kind, QuorumEvent::Kind::kFailure);
+  events_.clear();
+  EXPECT_EQ(run(*loop_, (*node)->write_zeroes(0, 512, 0)), -EIO);
+  ASSERT_EQ(events_.size(), 3u);
+}
+
+TEST_F(QuorumTest, FlushReportsFailingChildrenWithoutFailure) {
+  BlkdebugInjectError rule;
+  rule.event = "flush_to_os";
+  rule.iotype = BlkdebugIoType::kFlush;
+  auto node =
+      quorum(threshold(2), {file_node(0), blkdebug_node(1, {rule}), blkdebug_node(2, {rule})});
+  ASSERT_TRUE(node.has_value());
+  EXPECT_EQ(run(*loop_, (*node)->flush()), -EIO);
+  ASSERT_EQ(events_.size(), 2u);
+  for (const auto& event : events_) {
+    EXPECT_EQ(event.op, QuorumEvent::Op::kFlush);
+    EXPECT_EQ(event.sector_num, 0);
+    EXPECT_EQ(event.sectors_count, 0);
+  }
+}
+
+TEST_F(QuorumTest, BlkverifyMismatchIsAnErrorNotAnExit) {
+  write_file(1, 0, pattern(512, 'X'));
+  QuorumOptions options = threshold(2);
+  options.blkverify = true;
+  auto node = quorum(options, {file_node(0), file_node(1)});
+  ASSERT_TRUE(node.has_value());
+  std::vector<char> out(512);
+  EXPECT_EQ(read(**node, 0, out), -EIO);
+  ASSERT_EQ(events_.size(), 1u);
+  EXPECT_EQ(events_[0].kind, QuorumEvent::Kind::kFailure);
+  EXPECT_EQ(read(**node, 4096, out), 0);
+}
+
+TEST_F(QuorumTest, BlockStatusMergesChildren) {
+  // Child 2 is sparse in its second half; the others hold data: the merge says data.
+  ASSERT_EQ(truncate(paths_[2].c_str(), kImageSize / 2), 0);
+  ASSERT_EQ(truncate(paths_[2].c_str(), kImageSize), 0);
+  auto node = quorum(threshold(2));
+  ASSERT_TRUE(node.has_value());
+  auto status = run(*loop_, (*node)->block_status(kImageSize / 2, kImageSize / 2));
+  EXPECT_GT(status.bytes, 0);
+  EXPECT_TRUE(status.flags & block::kStatusData);
+  // When every child is a hole there, the merge says zero. (New nodes: the file driver caches
+  // what it learnt of the layout, and the files change behind its back here.)
+  node->reset();
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_EQ(truncate(paths_[i].c_str(), kImageSize / 2), 0);
+    ASSERT_EQ(truncate(paths_[i].c_str(), kImageSize), 0);
+  }
+  node = quorum(threshold(2));
+  ASSERT_TRUE(node.has_value());
+  status = run(*loop_, (*node)->block_status(kImageSize / 2, kImageSize / 2));
+  EXPECT_EQ(status.bytes, static_cast<int64_t>(kImageSize / 2));
+  EXPECT_TRUE(status.flags & block::kStatusZero);
+  EXPECT_FALSE(status.flags & block::kStatusData);
+}
+
+TEST_F(QuorumTest, ChildrenComeAndGo) {
+  auto node = quorum(threshold(2), {file_node(0), file_node(1)});
+  ASSERT_TRUE(node.has_value());
+  Node& q = **node;
+  auto names = [&q] {
+    std::vector<std::string> out;
+    for (const auto& edge : q.children()) out.push_back(edge->name());
+    return out;
+  };
+  EXPECT_EQ(q.remove_dynamic_child(*q.children()[0]).message(),
+            "The number of children cannot be lower than the vote threshold 2");
+  auto extra = file_node(2);
+  ASSERT_TRUE(q.add_dynamic_child(extra).is_ok());
+  EXPECT_EQ(names(), (std::vector<std::string>{"children.0", "children.1", "children.2"}));
+  EXPECT_EQ(q.add_dynamic_child(extra).message(), "The node c2 already has a parent");
+  // Removing the newest child gives its index back; removing another does not.
+  ASSERT_TRUE(q.remove_dynamic_child(*q.children()[2]).is_ok());
+  ASSERT_TRUE(q.add_dynamic_child(extra).is_ok());
+  EXPECT_EQ(names(), (std::vector<std::string>{"children.0", "children.1", "children.2"}));
+  ASSERT_TRUE(q.remove_dynamic_child(*q.children()[0]).is_ok());
+  ASSERT_TRUE(q.add_dynamic_child(file_node(0)).is_ok());
+  EXPECT_EQ(names(), (std::vector<std::string>{"children.1", "children.2", "children.3"}));
+  // Reads go to the current children.
+  std::vector<char> out(512);
+  ASSERT_EQ(read(q, 0, out), 0);
+  EXPECT_EQ(out, read_file(0, 0, 512));
+}
+
+TEST_F(QuorumTest, BlkverifyRefusesNewChildren) {
+  QuorumOptions options = threshold(2);
+  options.blkverify = true;
+  auto node = quorum(options, {file_node(0), file_node(1)});
+  ASSERT_TRUE(node.has_value());
+  EXPECT_EQ((*node)->add_dynamic_child(file_node(2)).message(),
+            "Cannot add a child to a quorum in blkverify mode");
+}
+
+TEST_F(QuorumTest, FileNameListsTheChildren) {
+  QuorumOptions options = threshold(2);
+  options.read_pattern = QuorumOptions::ReadPattern::kFifo;
+  auto node = quorum(options);
+  ASSERT_TRUE(node.has_value());
+  const auto json = (*node)->open_options();
+  EXPECT_EQ(json["driver"], "quorum");
+  EXPECT_EQ(json["vote-threshold"], 2);
+  EXPECT_EQ(json["read-pattern"], "fifo");
+  EXPECT_EQ(json["children"].size(), 3u);
+  EXPECT_EQ(json["children"][1]["filename"], paths_[1]);
+  EXPECT_FALSE(json.contains("rewrite-corrupted"));
+}
+
+// ---- blkdebug on its own.
+
+class BlkdebugTest : public QuorumTest {};
+
+TEST_F(BlkdebugTest, OnceFailsOnlyTheFirstMatchingRequest) {
+  BlkdebugInjectError rule;
+  rule.event = "read_aio";
+  rule.once = true;
+  auto node = blkdebug_node(0, {rule});
+  std::vector<char> out(512);
+  EXPECT_EQ(read(*node, 0, out), -EIO);
+  EXPECT_EQ(read(*node, 0, out), 0);
+}
+
+TEST_F(BlkdebugTest, SectorLimitsTheRule) {
+  BlkdebugInjectError rule;
+  rule.event = "read_aio";
+  rule.sector = 8;
+  rule.error = ENOSPC;
+  auto node = blkdebug_node(0, {rule});
+  std::vector<char> out(4096);
+  EXPECT_EQ(read(*node, 0, out), 0);          // sectors 0-7
+  EXPECT_EQ(read(*node, 4096, out), -ENOSPC);  // sectors 8-15
+  EXPECT_EQ(read(*node, 4096 + 512, out), 0);
+}
+
+TEST_F(BlkdebugTest, IotypeAndEventSelectRequests) {
+  BlkdebugInjectError rule;
+  rule.event = "write_aio";
+  rule.iotype = BlkdebugIoType::kWrite;
+  auto node = blkdebug_node(0, {rule});
+  std::vector<char> out(512);
+  EXPECT_EQ(read(*node, 0, out), 0);  // the rule is not armed before a write
+  EXPECT_EQ(run(*loop_, node->write(0, out.size(), out.data(), 0)), -EIO);
+  EXPECT_EQ(read(*node, 0, out), 0);  // armed, but for writes only
+  EXPECT_EQ(run(*loop_, node->flush()), 0);
+}
+
+TEST_F(BlkdebugTest, StatesGateRules) {
+  BlkdebugInjectError rule;
+  rule.event = "read_aio";
+  rule.state = 2;
+  BlkdebugSetState to_two{"write_aio", 1, 2};
+  auto node = blkdebug_node(0, {rule}, {to_two});
+  std::vector<char> out(512);
+  EXPECT_EQ(read(*node, 0, out), 0);  // state 1
+  EXPECT_EQ(run(*loop_, node->write(0, out.size(), out.data(), 0)), 0);
+  EXPECT_EQ(read(*node, 0, out), -EIO);  // state 2
+  EXPECT_EQ(node->filename(), "blkdebug::" + paths_[0]);
+}
+
+}  // namespace
+}  // namespace blockd::drivers
