@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import json
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,10 +20,10 @@ import pytest
 
 from blockd import Engine
 from blockd.errors import ExecuteError
+from blockd.testing.clients import import_libnbd
 
-# Debian's python3-libnbd installs for the system interpreter; its module suits any CPython 3.
-sys.path.append("/usr/lib/python3/dist-packages")
-nbd = pytest.importorskip("nbd", reason="python3-libnbd (module nbd) is not installed")
+nbd = import_libnbd()
+pytestmark = pytest.mark.skipif(nbd is None, reason="python3-libnbd (module nbd) is not installed")
 
 SIZE = 4 << 20
 MiB = 1 << 20
