@@ -467,7 +467,8 @@ Status QuorumNode::change_children(const std::function<Status()>& change) {
   // Requests keep pointers to the children: they finish before an edge changes. The count is
   // only read here while no request can start (the main loop runs this handler; a node on another
   // loop is changed from inside that loop).
-  if (in_flight_ == 0 && (Loop::current() == nullptr || Loop::current() == &loop())) {
+  const bool here = Loop::current() == nullptr || Loop::current() == &loop();
+  if (here && in_flight_ == 0) {
     return change();
   }
   auto drain_and_change = [&]() -> Status {
@@ -486,12 +487,18 @@ Status QuorumNode::add_dynamic_child(std::shared_ptr<Node> child) {
     return Status::generic("The node " + child->node_name() + " already has a parent");
   }
   if (next_index_ == UINT32_MAX) return Status::generic("Too many children");
-  return change_children([&]() -> Status {
+  // The new child runs its I/O where the quorum does (an export may have moved it to an iothread).
+  Loop& home = child->loop();
+  if (&home != &loop()) BLOCKD_RETURN_IF_ERROR(child->move_to_loop(loop(), nullptr));
+  Node* adding = child.get();
+  Status status = change_children([&]() -> Status {
     auto edge = add_child("children." + std::to_string(next_index_), std::move(child));
     if (!edge) return edge.status();
     ++next_index_;
     return Status::ok();
   });
+  if (!status && &home != &loop()) (void)adding->move_to_loop(home, nullptr);
+  return status;
 }
 
 Status QuorumNode::remove_dynamic_child(block::Child& child) {

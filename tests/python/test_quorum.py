@@ -306,3 +306,30 @@ def test_x_blockdev_change_adds_and_removes_children(quorum: Quorum) -> None:
     assert spare.read_bytes()[:4096] == b"N" * 4096
     assert quorum.file_bytes(2, 0, 4096) == b"N" * 4096
     assert quorum.file_bytes(0, 0, 4096) == quorum.original[:4096]
+
+
+def test_children_change_while_exported_from_an_iothread(quorum: Quorum) -> None:
+    engine = quorum.engine
+    engine.qmp("object-add", qom_type="iothread", id="io0")
+    for index in range(3):
+        engine.qmp("blockdev-add", quorum.child(index))
+    engine.qmp("blockdev-add", {"driver": "quorum", "node-name": "q", "vote-threshold": 2,
+                                "children": ["c0", "c1", "c2"]})
+    engine.qmp("nbd-server-start", addr={"type": "unix", "data": {"path": quorum.socket}})
+    engine.qmp("block-export-add", type="nbd", id="e", node_name="q", writable=True, iothread="io0")
+    handle = nbd.NBD()
+    handle.set_export_name("q")
+    handle.connect_unix(quorum.socket)
+    quorum.handle = handle
+    spare = quorum.directory / "spare.raw"
+    spare.write_bytes(quorum.original)
+    engine.qmp("blockdev-add", driver="file", node_name="spare", filename=str(spare))
+    engine.qmp("x-blockdev-change", parent="q", node="spare")
+    engine.qmp("x-blockdev-change", parent="q", child="children.0")
+    handle.pwrite(b"I" * 4096, 0)
+    assert spare.read_bytes()[:4096] == b"I" * 4096
+    quorum.corrupt(1, 0, b"x" * 512)
+    assert handle.pread(4096, 0) == b"I" * 4096
+    assert quorum.events("QUORUM_REPORT_BAD") == [bad("c1", 0, 8)]
+    # The removed child is the monitor's again, on the main loop: a new parent may take it.
+    engine.qmp("blockdev-add", driver="raw", node_name="r0", file="c0")

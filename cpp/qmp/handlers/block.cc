@@ -413,7 +413,15 @@ Status qmp_x_blockdev_change(qmp::Context& context, const XBlockdevChangeArgs& a
   }
   if (args.child) {
     for (const auto& edge : parent->children()) {
-      if (edge->name() == *args.child) return parent->remove_dynamic_child(*edge);
+      if (edge->name() != *args.child) continue;
+      const std::string removed = edge->node()->node_name();
+      BLOCKD_RETURN_IF_ERROR(parent->remove_dynamic_child(*edge));
+      // A child the monitor still owns comes back to the main loop if the quorum ran elsewhere.
+      if (auto node = context.graph().find(removed);
+          node && &node->loop() != &context.main_loop() && node->users().empty()) {
+        BLOCKD_RETURN_IF_ERROR(node->move_to_loop(context.main_loop(), nullptr));
+      }
+      return Status::ok();
     }
     return Status::generic("Node '" + args.parent + "' does not have child '" + *args.child +
                            "'");
