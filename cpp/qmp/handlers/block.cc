@@ -397,7 +397,11 @@ Status qmp_blockdev_add(qmp::Context& context, const BlockdevOptions& options) {
 Status qmp_blockdev_del(qmp::Context& context, const BlockdevDelArgs& args) {
   // Write back what a node still caches (qcow2 metadata) before it closes, as QEMU does.
   if (auto node = context.graph().find(args.node_name); node && node->users().empty()) {
-    (void)context.run_nested(node->flush());
+    if (&node->loop() == &context.main_loop()) {
+      (void)context.run_nested(node->flush());
+    } else {
+      (void)node->loop().run_task(node->flush());
+    }
   }
   return context.graph().remove(args.node_name);
 }
