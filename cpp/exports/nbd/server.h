@@ -24,6 +24,7 @@
 #include "runtime/event.h"
 #include "runtime/loop.h"
 #include "runtime/status.h"
+#include "runtime/stream_address.h"
 #include "runtime/task.h"
 
 namespace blockd::exports::nbd {
@@ -32,19 +33,7 @@ class Connection;
 class Server;
 
 // Where the server listens (QEMU's SocketAddress, inet and unix only).
-struct ListenAddress {
-  enum class Kind { kUnix, kInet };
-  Kind kind = Kind::kUnix;
-  // kUnix
-  std::string path;
-  bool abstract = false;
-  bool tight = true;
-  // kInet
-  std::string host;
-  std::string port;
-  std::optional<bool> ipv4;
-  std::optional<bool> ipv6;
-};
+using ListenAddress = StreamAddress;
 
 struct ServerOptions {
   // 0: unlimited. When reached, further clients wait in the listen backlog.

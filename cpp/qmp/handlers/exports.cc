@@ -15,39 +15,10 @@
 #include "qapi/commands.h"
 #include "qapi/events.h"
 #include "qmp/context.h"
+#include "qmp/handlers/socket_address.h"
 
 namespace blockd::qapi {
 namespace {
-
-using exports::nbd::ListenAddress;
-
-Expected<ListenAddress> to_listen_address(const SocketAddress& address) {
-  ListenAddress listen;
-  switch (address.type) {
-    case SocketAddressType::kUnix: {
-      const UnixSocketAddress& unix_address = *address.u.unix_;
-      listen.kind = ListenAddress::Kind::kUnix;
-      listen.path = unix_address.path;
-      listen.abstract = unix_address.abstract.value_or(false);
-      listen.tight = unix_address.tight.value_or(true);
-      return listen;
-    }
-    case SocketAddressType::kInet: {
-      const InetSocketAddress& inet = *address.u.inet;
-      listen.kind = ListenAddress::Kind::kInet;
-      listen.host = inet.host;
-      listen.port = inet.port;
-      listen.ipv4 = inet.ipv4;
-      listen.ipv6 = inet.ipv6;
-      return listen;
-    }
-    case SocketAddressType::kFd:
-      return Status::generic("only QEMU supports file descriptor passing");
-    case SocketAddressType::kVsock:
-      return Status::generic("vsock sockets are not supported by blockd");
-  }
-  return Status::generic("unknown socket address type");
-}
 
 SocketAddress from_legacy(const SocketAddressLegacy& legacy) {
   SocketAddress address;
@@ -64,7 +35,7 @@ Status start_nbd_server(qmp::Context& context, const SocketAddress& address,
                         const std::optional<uint32_t>& max_connections) {
   if (context.nbd_server()) return Status::generic("NBD server already running");
   if (tls_creds) return Status::generic("No TLS credentials with id '" + *tls_creds + "'");
-  auto listen = to_listen_address(address);
+  auto listen = to_stream_address(address);
   if (!listen) return listen.status();
   exports::nbd::ServerOptions options;
   options.max_connections = max_connections.value_or(0);
