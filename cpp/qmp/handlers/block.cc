@@ -8,6 +8,7 @@
 
 #include "drivers/blkdebug.h"
 #include "drivers/file.h"
+#include "drivers/nbd/client.h"
 #include "drivers/null.h"
 #include "drivers/qcow2/qcow2.h"
 #include "drivers/quorum.h"
@@ -17,6 +18,7 @@
 #include "qapi/visit.h"
 #include "qmp/context.h"
 #include "qmp/handlers/snapshots.h"
+#include "qmp/handlers/socket_address.h"
 
 namespace blockd::qapi {
 namespace {
@@ -330,6 +332,27 @@ Expected<std::shared_ptr<Node>> open_node(qmp::Context& context, const BlockdevO
     case BlockdevDriver::kBlkdebug:
       node = open_blkdebug(context, std::move(common).value(), *options.u.blkdebug, for_children);
       break;
+    case BlockdevDriver::kNbd: {
+      const BlockdevOptionsNbd& nbd = *options.u.nbd;
+      // As QEMU, a missing credentials object is reported before anything is connected; blockd
+      // has no TLS yet, so no such object can exist.
+      if (nbd.tls_creds) return Status::generic("No TLS credentials with id '" + *nbd.tls_creds + "'");
+      if (nbd.tls_hostname) {
+        return Status::generic("tls-hostname is not supported by blockd (it has no TLS yet)");
+      }
+      if (nbd.x_dirty_bitmap) return Status::generic("x-dirty-bitmap is not supported by blockd");
+      auto server = to_stream_address(nbd.server);
+      if (!server) return server.status();
+      drivers::NbdClientOptions driver_options;
+      driver_options.server = std::move(server).value();
+      driver_options.export_name = nbd.export_.value_or("");
+      driver_options.reconnect_delay = nbd.reconnect_delay.value_or(0);
+      driver_options.open_timeout = nbd.open_timeout.value_or(0);
+      node = context.run_nested(drivers::open_nbd_node(std::move(common).value(),
+                                                       std::move(driver_options),
+                                                       context.main_loop()));
+      break;
+    }
     default:
       return Status::generic("Driver '" + std::string(to_string(options.driver)) +
                              "' is not supported by blockd yet");
