@@ -19,6 +19,7 @@
 #include <optional>
 #include <vector>
 
+#include "drivers/file_locks.h"
 #include "drivers/thread_pool.h"
 #include "runtime/event.h"
 
@@ -28,10 +29,6 @@ namespace {
 using block::BlockStatus;
 
 constexpr uint64_t kSectorSize = 512;
-// Lock byte offsets (QEMU's RAW_LOCK_PERM_BASE and RAW_LOCK_SHARED_BASE).
-constexpr off_t kPermLockBase = 100;
-constexpr off_t kSharedLockBase = 200;
-constexpr int kPermissionBits = 4;
 // One system call moves at most this much; larger requests loop.
 constexpr uint64_t kMaxSingleTransfer = 1u << 30;
 // Size of a bounce buffer for unaligned O_DIRECT requests, and how many idle ones a node keeps.
@@ -40,33 +37,6 @@ constexpr size_t kBouncePoolLimit = 4;
 // Largest read or write served inline on the loop for a file held in memory (see
 // FileNode::inline_io_); a copy of this size takes tens of microseconds.
 constexpr uint64_t kMaxInlineTransfer = 1u << 20;
-
-// Places (F_RDLCK) or releases (F_UNLCK) this open file description's lock on one byte.
-int set_lock_byte(int fd, off_t byte, short type) {
-  struct flock lock {};
-  lock.l_whence = SEEK_SET;
-  lock.l_start = byte;
-  lock.l_len = 1;
-  lock.l_type = type;
-  return fcntl(fd, F_OFD_SETLK, &lock) == -1 ? -errno : 0;
-}
-
-// 0 when no other open file description locks `byte`; -EAGAIN when one does; another negative
-// errno when the test itself fails.
-int test_lock_byte(int fd, off_t byte) {
-  struct flock lock {};
-  lock.l_whence = SEEK_SET;
-  lock.l_start = byte;
-  lock.l_len = 1;
-  lock.l_type = F_WRLCK;
-  if (fcntl(fd, F_OFD_GETLK, &lock) == -1) return -errno;
-  return lock.l_type == F_UNLCK ? 0 : -EAGAIN;
-}
-
-Status lock_error(int error, std::string message) {
-  if (error != -EAGAIN) message += ": " + errno_text(error);
-  return Status::generic(std::move(message));
-}
 
 bool is_unsupported(int64_t error) {
   return error == -EOPNOTSUPP || error == -ENOSYS || error == -ENOTTY || error == -EINVAL;
@@ -168,6 +138,9 @@ class FileNode final : public block::Node {
   // The fallocate part of write_zeroes; -ENOTSUP when the file system cannot do it.
   Task<int64_t> zero_range(uint64_t offset, uint64_t length, uint32_t flags) noexcept;
   Task<int64_t> sync() noexcept;
+  // Writes past the end grow the file (image creation writes metadata there): keep size() in
+  // step, in 512-byte sectors as at open.
+  void grown_to(uint64_t end) noexcept;
 
   // Registers `write` and waits until no earlier conflicting write overlaps it.
   Task<void> begin_write(TrackedWrite& write) noexcept;
@@ -306,21 +279,7 @@ Status FileNode::probe_alignment() {
 
 Status FileNode::check_permissions(uint32_t permissions, uint32_t shared) {
   if (!use_lock_) return Status::ok();
-  for (int bit = 0; bit < kPermissionBits; ++bit) {
-    const uint32_t mask = 1u << bit;
-    if (!(permissions & mask)) continue;
-    if (int ret = test_lock_byte(fd_, kSharedLockBase + bit)) {
-      return lock_error(ret, "Failed to get \"" + block::permission_names(mask) + "\" lock");
-    }
-  }
-  for (int bit = 0; bit < kPermissionBits; ++bit) {
-    const uint32_t mask = 1u << bit;
-    if (shared & mask) continue;
-    if (int ret = test_lock_byte(fd_, kPermLockBase + bit)) {
-      return lock_error(ret, "Failed to get shared \"" + block::permission_names(mask) + "\" lock");
-    }
-  }
-  return Status::ok();
+  return check_lock_bytes(fd_, permissions, shared);
 }
 
 void FileNode::apply_permissions(uint32_t permissions, uint32_t shared) {
@@ -534,16 +493,26 @@ Task<int64_t> FileNode::write(uint64_t offset, uint64_t length, const void* buff
   if (read_only()) co_return -EPERM;
   const bool fua = (flags & block::kRequestFua) && !options_.cache_no_flush;
   const char* data = static_cast<const char*>(buffer);
-  if (alignment_ == 1) co_return co_await write_full(offset, length, data, fua);
+  int64_t ret = 0;
+  if (alignment_ == 1) {
+    ret = co_await write_full(offset, length, data, fua);
+  } else {
+    TrackedWrite tracked;
+    tracked.start = align_down(offset);
+    tracked.end = align_up(offset + length);
+    tracked.read_modify_write = ((offset | length) & (alignment_ - 1)) != 0;
+    co_await begin_write(tracked);
+    WriteScope scope{this, &tracked};
+    ret = aligned(offset, length, buffer) ? co_await write_full(offset, length, data, fua)
+                                          : co_await bounce_write(offset, length, data, fua);
+  }
+  if (ret >= 0) grown_to(offset + length);
+  co_return ret;
+}
 
-  TrackedWrite tracked;
-  tracked.start = align_down(offset);
-  tracked.end = align_up(offset + length);
-  tracked.read_modify_write = ((offset | length) & (alignment_ - 1)) != 0;
-  co_await begin_write(tracked);
-  WriteScope scope{this, &tracked};
-  if (aligned(offset, length, buffer)) co_return co_await write_full(offset, length, data, fua);
-  co_return co_await bounce_write(offset, length, data, fua);
+void FileNode::grown_to(uint64_t end) noexcept {
+  const uint64_t rounded = (end + kSectorSize - 1) / kSectorSize * kSectorSize;
+  if (rounded > static_cast<uint64_t>(size())) set_size(static_cast<int64_t>(rounded));
 }
 
 Task<int64_t> FileNode::bounce_write(uint64_t offset, uint64_t length, const char* buffer,
@@ -638,6 +607,7 @@ Task<int64_t> FileNode::write_zeroes(uint64_t offset, uint64_t length, uint32_t 
     co_return co_await Node::write_zeroes(offset, length, fua ? uint32_t{block::kRequestFua} : 0u);
   }
   if (ret < 0) co_return ret;
+  grown_to(offset + length);  // ZERO_RANGE without KEEP_SIZE extends the file
   if (fua) co_return co_await sync();
   co_return 0;
 }

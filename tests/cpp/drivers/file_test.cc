@@ -168,6 +168,18 @@ TEST_P(FileTest, EmptyFile) {
   EXPECT_EQ(file->size(), 0);
 }
 
+TEST_P(FileTest, WritesPastTheEndGrowTheNode) {
+  create(0);
+  auto file = node();
+  std::vector<char> data(1000, 'g');
+  EXPECT_EQ(run(*loop_, file->write(1 << 20, data.size(), data.data(), 0)), 0);
+  EXPECT_EQ(file->size(), (1 << 20) + 1024);  // whole sectors, as at open
+  EXPECT_EQ(run(*loop_, file->write_zeroes(4 << 20, 4096, 0)), 0);
+  EXPECT_EQ(file->size(), (4 << 20) + 4096);
+  EXPECT_EQ(run(*loop_, file->write(0, data.size(), data.data(), 0)), 0);
+  EXPECT_EQ(file->size(), (4 << 20) + 4096);  // writes inside never shrink it
+}
+
 TEST_P(FileTest, OpenErrors) {
   auto missing = open_node({}, {.filename = dir_.file("missing")});
   ASSERT_FALSE(missing.has_value());
