@@ -261,10 +261,12 @@ Expected<std::shared_ptr<NbdExport>> Server::add_export(const NbdExportOptions& 
     return Status::generic("Cannot export read-only node as writable");
   }
   std::shared_ptr<NbdExport> created(new NbdExport(*this, options, node->node_name()));
-  // As QEMU's NBD export: consistent reads (and writes when writable), sharing everything.
+  // As QEMU's NBD export: consistent reads (and writes when writable), sharing everything but
+  // resize, since the size was announced to clients.
   const uint32_t permissions =
       block::kPermConsistentRead | (options.writable ? block::kPermWrite : 0u);
-  BLOCKD_RETURN_IF_ERROR(created->backend_->attach(std::move(node), permissions, block::kPermAll));
+  BLOCKD_RETURN_IF_ERROR(created->backend_->attach(std::move(node), permissions,
+                                                   block::kPermAll & ~block::kPermResize));
   created->backend_->set_writethrough(options.writethrough);
   exports_.push_back(created.get());
   return created;
