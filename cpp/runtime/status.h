@@ -91,6 +91,13 @@ class [[nodiscard]] Expected {
     if (!blockd_status_) return blockd_status_; \
   } while (0)
 
+// The same inside a coroutine returning Task<Status> (`expr` may contain co_await).
+#define BLOCKD_CO_RETURN_IF_ERROR(expr)            \
+  do {                                             \
+    ::blockd::Status blockd_status_ = (expr);      \
+    if (!blockd_status_) co_return blockd_status_; \
+  } while (0)
+
 // Describes a negative errno value as strerror does ("No such file or directory").
 std::string errno_text(int negative_errno);
 
