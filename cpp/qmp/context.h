@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "block/graph.h"
+#include "block/job.h"
 #include "exports/export.h"
 #include "exports/nbd/server.h"
 #include "qmp/event_bus.h"
@@ -55,11 +56,16 @@ class IoThread final : public UserObject {
 
 class Context {
  public:
-  Context(Loop& main_loop, EventBus& events) : main_loop_(main_loop), events_(events) {}
+  Context(Loop& main_loop, EventBus& events)
+      : main_loop_(main_loop),
+        events_(events),
+        jobs_(main_loop, [this](const block::Job& job) { job_status_changed(job); }) {}
 
   Loop& main_loop() noexcept { return main_loop_; }
   EventBus& events() noexcept { return events_; }
   block::Graph& graph() noexcept { return graph_; }
+  // Background jobs (blockdev-create); their status changes become JOB_STATUS_CHANGE events.
+  block::JobRegistry& jobs() noexcept { return jobs_; }
 
   // Objects by id, in creation order of ids (query-iothreads lists them in this map's order).
   std::map<std::string, std::unique_ptr<UserObject>>& objects() noexcept { return objects_; }
@@ -89,6 +95,9 @@ class Context {
   bool wait_shutdown(std::optional<std::chrono::milliseconds> timeout);
 
  private:
+  // Emits JOB_STATUS_CHANGE (defined with the job command handlers).
+  void job_status_changed(const block::Job& job);
+
   Loop& main_loop_;
   EventBus& events_;
   block::Graph graph_;
@@ -99,6 +108,8 @@ class Context {
   std::atomic<bool> shutdown_requested_{false};
   std::mutex shutdown_mutex_;
   std::condition_variable shutdown_cv_;
+  // Last, so that jobs (which may hold nodes) go before the graph.
+  block::JobRegistry jobs_;
 };
 
 }  // namespace blockd::qmp

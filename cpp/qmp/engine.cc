@@ -218,6 +218,8 @@ void Engine::shutdown() {
     // Exports first, so no client writes while the nodes are flushed and closed.
     qapi::stop_all_exports(*context_);
     context_->run_nested([](Context& context) -> Task<bool> {
+      // Jobs still running (an image being created) stop first: they may write to nodes.
+      co_await context.jobs().cancel_all();
       co_await flush_all(context.graph().nodes());
       co_return true;
     }(*context_));

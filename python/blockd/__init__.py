@@ -5,6 +5,8 @@ The public API:
 * ``blockd.Engine`` — the engine in this process (needs the compiled ``blockd._core``).
 * ``blockd.qmp.QMPClient`` / ``blockd.qmp.QMPServer`` — QMP over unix and TCP sockets.
 * ``blockd.QMPError`` and its subclasses — see ``blockd.errors``.
+* ``blockd.create_image`` / ``blockd.blockdev_create`` — image creation through blockdev-create
+  jobs, for an Engine or a QMP client (see ``blockd.create``).
 * ``blockd-daemon`` / ``python -m blockd`` — a qemu-storage-daemon compatible daemon.
 
 Only ``Engine`` needs the compiled module; it is imported on first use, so the QMP client works
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .create import blockdev_create, create_image
 from .errors import (
     CommandNotFound,
     ConnectionClosed,
@@ -22,6 +25,7 @@ from .errors import (
     DeviceNotFound,
     ExecuteError,
     GenericError,
+    JobFailed,
     KVMMissingCap,
     ProtocolError,
     QMPError,
@@ -46,6 +50,9 @@ __all__ = [
     "DeviceNotFound",
     "DeviceNotActive",
     "KVMMissingCap",
+    "JobFailed",
+    "create_image",
+    "blockdev_create",
     "__version__",
 ]
 

@@ -7,6 +7,8 @@
   (``GenericError``, ``CommandNotFound``, ``DeviceNotFound``, ``DeviceNotActive``,
   ``KVMMissingCap``), so callers can catch exactly the class they expect. An error class this
   module does not know is still raised as a plain ``ExecuteError``.
+* ``JobFailed`` — a background job the caller waited for (``blockd.create_image``) concluded with
+  an error; it carries the job id and the error text query-jobs gave.
 * ``ProtocolError`` — the peer broke the protocol (a reply that is not JSON, a missing greeting, a
   closed connection). Only the socket client raises it.
 """
@@ -25,6 +27,7 @@ __all__ = [
     "DeviceNotFound",
     "DeviceNotActive",
     "KVMMissingCap",
+    "JobFailed",
     "execute_error",
 ]
 
@@ -138,3 +141,21 @@ def raise_for_response(response: dict[str, Any], command: str | None = None) -> 
     if "return" not in response:
         raise ProtocolError(f"reply has neither 'return' nor 'error': {response!r}")
     return response["return"]
+
+
+class JobFailed(QMPError):
+    """A background job (blockdev-create, ...) concluded with an error.
+
+    Attributes:
+        job_id: the job's identifier.
+        error: the error query-jobs reported for it, e.g.
+            ``"Cluster size must be a power of two between 512 and 2048k"``.
+    """
+
+    def __init__(self, job_id: str, error: str) -> None:
+        super().__init__(job_id, error)
+        self.job_id = job_id
+        self.error = error
+
+    def __str__(self) -> str:
+        return f"job {self.job_id!r} failed: {self.error}"

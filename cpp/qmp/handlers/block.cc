@@ -407,6 +407,11 @@ void describe_qcow2(const Node& node, const drivers::Qcow2Snapshots& qcow2, Bloc
 
 }  // namespace
 
+Expected<std::shared_ptr<block::Node>> open_blockdev_ref(qmp::Context& context,
+                                                         const BlockdevRef& ref) {
+  return resolve_child(context, ref, Inherited{});
+}
+
 Status qmp_blockdev_add(qmp::Context& context, const BlockdevOptions& options) {
   if (!options.node_name) {
     return Status::generic("'node-name' must be specified for the root node");
