@@ -23,6 +23,7 @@
 #include "drivers/qemu_json.h"
 #include "nbd/wire.h"
 #include "runtime/event.h"
+#include "runtime/hop.h"
 
 namespace blockd::drivers {
 namespace {
@@ -535,16 +536,6 @@ Task<Expected<Connection>> connect_once(Loop& loop, const NbdClientOptions& opti
 // ---- The node.
 
 class Session;
-
-// Moves the awaiting coroutine to `target`'s thread (nothing when it already runs there). The
-// connection stays on the loop it was opened on; a node moved to an iothread (an export with
-// iothread=...) reaches it through this hop, and hops back for its caller.
-struct HopTo {
-  Loop& target;
-  bool await_ready() const noexcept { return Loop::current() == &target; }
-  void await_suspend(std::coroutine_handle<> handle) { target.post([handle] { handle.resume(); }); }
-  void await_resume() const noexcept {}
-};
 
 class NbdNode final : public block::Node {
  public:

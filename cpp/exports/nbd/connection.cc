@@ -25,6 +25,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "runtime/hop.h"
+
 namespace blockd::exports::nbd {
 
 // ---- Buffers.
@@ -896,18 +898,6 @@ Task<void> Connection::transmission() {
   while (!writer_done_) co_await progress_.wait();
 }
 
-namespace {
-
-// Suspends the coroutine and resumes it on `loop`'s thread.
-struct ResumeOn {
-  Loop& loop;
-  bool await_ready() const noexcept { return false; }
-  void await_suspend(std::coroutine_handle<> handle) { loop.post([handle] { handle.resume(); }); }
-  void await_resume() const noexcept {}
-};
-
-}  // namespace
-
 Task<void> Connection::run(std::shared_ptr<Connection> self) {
   Connection& c = *self;
   Loop& main = *c.loop_;
@@ -922,10 +912,10 @@ Task<void> Connection::run(std::shared_ptr<Connection> self) {
     if (&node_loop != &main) {
       c.on_export_loop_ = true;
       c.loop_ = &node_loop;
-      co_await ResumeOn{node_loop};
+      co_await HopTo{node_loop};
       co_await c.transmission();
       c.loop_ = &main;
-      co_await ResumeOn{main};
+      co_await HopTo{main};
       c.on_export_loop_ = false;
     } else {
       co_await c.transmission();
