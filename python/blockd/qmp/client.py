@@ -100,8 +100,21 @@ class QMPClient:
             raise ProtocolError(f"expected a QMP greeting, got {greeting!r}")
         self.greeting = greeting
         if self._negotiate:
-            self.command("qmp_capabilities")
+            self._negotiate_capabilities()
         return greeting
+
+    def _negotiate_capabilities(self) -> None:
+        """Sends qmp_capabilities and waits for its reply.
+
+        qemu-storage-daemon 7.2 sometimes greets twice when a client connects while it is still
+        setting up its monitor (about one start in a hundred); the extra greeting comes before
+        the reply and is skipped here.
+        """
+        self.send_raw(b'{"execute": "qmp_capabilities"}\n')
+        reply = self.read_response()
+        while isinstance(reply, dict) and "QMP" in reply:
+            reply = self.read_response()
+        raise_for_response(reply, command="qmp_capabilities")
 
     def close(self) -> None:
         """Closes the connection (idempotent). Queued events stay readable."""
