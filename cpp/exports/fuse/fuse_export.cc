@@ -548,13 +548,17 @@ Task<int64_t> FuseExport::resize(uint64_t size, bool only_grow) noexcept {
 
 Task<int64_t> FuseExport::allocate(uint64_t offset, uint64_t length) noexcept {
   // Holes are filled with zeroes, which must not land on data written meanwhile: hold writes
-  // back and wait for those in flight.
+  // back and wait for those in flight. One allocation at a time, so that the first to finish
+  // cannot let writes through while another is still filling holes.
+  while (allocating_) co_await writes_changed_.wait();
   allocating_ = true;
   while (writes_ > 0) co_await writes_changed_.wait();
   int64_t ret = 0;
   uint64_t position = offset;
-  const uint64_t end = offset + length;
-  while (position < end && ret >= 0) {
+  while (ret >= 0) {
+    // A truncate may shrink the node meanwhile; what it cut off needs no allocating.
+    const uint64_t end = std::min(offset + length, static_cast<uint64_t>(backend_->size()));
+    if (position >= end) break;
     const block::BlockStatus status = co_await backend_->block_status(position, end - position);
     if (status.bytes <= 0) {
       ret = status.bytes < 0 ? status.bytes : -EIO;
