@@ -190,10 +190,8 @@ class Qcow2Node final : public block::Node, public Qcow2Snapshots {
 
   // ---- Snapshot helpers (snapshot.cc).
   Task<int> read_l1(uint64_t offset, uint32_t entries, std::vector<uint64_t>& out) noexcept;
-  Task<int> adjust_tree_refcounts(const std::vector<uint64_t>& l1, int64_t delta) noexcept;
+  // COPIED recomputed in place from the refcounts (rebuilding a dirty image's refcounts).
   Task<int> recompute_copied() noexcept;
-  Task<int> write_metadata_together() noexcept;
-  Task<int> write_snapshot_table(std::vector<SnapshotEntry> entries) noexcept;
 
   Qcow2Options qcow2_options_;
   Header header_;

@@ -6,9 +6,11 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <random>
 #include <vector>
 
+#include "drivers/blkdebug.h"
 #include "drivers/file.h"
 #include "drivers/raw.h"
 #include "test_support.h"
@@ -273,6 +275,77 @@ TEST_F(Qcow2DriverTest, DirtyImageIsRepairedOnReadWriteOpen) {
   node->reset();
   EXPECT_EQ(check(path_), "");
   EXPECT_EQ(sh("qemu-io -c 'read -P 0x5a 0 300k' -c 'read -P 0x5b 1M 64k' " + path_), 0);
+}
+
+// A crash during a snapshot operation leaves the writes issued before it on disk. Every such
+// prefix is simulated by failing the k-th write to the file (blkdebug), for every k until the
+// operation no longer reaches a failing write: each time the image must pass `qemu-img check`
+// with neither errors nor leaks and hold either the old or the new state, whole.
+TEST_F(Qcow2DriverTest, SnapshotOperationsSurviveACrashAtEveryWrite) {
+  const std::string base = dir_.file("base.qcow2");
+  ASSERT_EQ(sh("qemu-img create -f qcow2 -o cluster_size=4k " + base + " 1M"), 0);
+  ASSERT_EQ(sh("qemu-io -c 'write -P 1 0 64k' -c 'write -P 1 512k 8k' " + base), 0);
+  ASSERT_EQ(sh("qemu-img snapshot -c one " + base), 0);
+  ASSERT_EQ(sh("qemu-io -c 'write -P 2 32k 64k' " + base), 0);
+  // Fails the k-th write that reaches the file (k >= 1), through blkdebug's state machine: each
+  // write_aio event counts one up; the rule fires on the pwritev event of write k only.
+  auto open_failing = [&](int k) -> Expected<std::shared_ptr<block::Node>> {
+    FileOptions file_options;
+    file_options.filename = path_;
+    auto file = open_file_node(block::NodeOptions{.node_name = "f" + std::to_string(next_++)},
+                               file_options, *loop_);
+    if (!file) return file.status();
+    BlkdebugOptions rules;
+    for (int state = 1; state <= k; ++state) rules.set_state.push_back({"write_aio", state, state + 1});
+    rules.inject_error.push_back(
+        {.event = "pwritev", .state = k + 1, .iotype = BlkdebugIoType::kWrite, .once = true});
+    auto debug = open_blkdebug_node(block::NodeOptions{.node_name = "d" + std::to_string(next_++)},
+                                    rules, *file, *loop_);
+    if (!debug) return debug.status();
+    return open_qcow2_node(block::NodeOptions{.node_name = "q" + std::to_string(next_++)}, {},
+                           *debug, {}, *loop_,
+                           [&](Task<Status> task) { return run(*loop_, std::move(task)); });
+  };
+  struct Case {
+    const char* what;
+    std::function<Task<int>(Qcow2Snapshots&)> op;
+    const char* before;  // qemu-io checks of the old state, then of the new one
+    const char* after;
+  };
+  const std::vector<Case> cases = {
+      {"create", [](Qcow2Snapshots& s) { return s.create_snapshot("two"); },
+       "-c 'read -P 2 32k 64k'", "-c 'read -P 2 32k 64k'"},
+      {"delete", [](Qcow2Snapshots& s) { return s.delete_snapshot(0); },
+       "-c 'read -P 2 32k 64k'", "-c 'read -P 2 32k 64k'"},
+      {"revert", [](Qcow2Snapshots& s) { return s.revert_snapshot(0); },
+       "-c 'read -P 2 32k 64k'", "-c 'read -P 1 0 64k' -c 'read -P 0 64k 32k'"},
+  };
+  for (const Case& c : cases) {
+    int failed = 0;
+    for (int k = 1;; ++k) {
+      ASSERT_LT(k, 200) << c.what << " never completed";
+      ASSERT_EQ(sh("cp " + base + " " + path_), 0);
+      auto node = open_failing(k);
+      ASSERT_TRUE(node.has_value()) << node.status().message();
+      const int r = run(*loop_, c.op(*qcow2_snapshots(**node)));
+      node->reset();
+      EXPECT_EQ(check(path_), "") << c.what << ", write " << k << " failed";
+      const std::string snapshots = output_of("qemu-img snapshot -U -l " + path_);
+      if (r == 0) {
+        EXPECT_EQ(sh(std::string("qemu-io -r ") + c.after + " " + path_), 0) << c.what;
+        EXPECT_EQ(snapshots.find("two") != std::string::npos, std::string(c.what) == "create");
+        EXPECT_EQ(snapshots.find("one") == std::string::npos, std::string(c.what) == "delete");
+        break;
+      }
+      ++failed;
+      EXPECT_EQ(r, -EIO) << c.what << ", write " << k;
+      EXPECT_EQ(sh(std::string("qemu-io -r ") + c.before + " " + path_), 0)
+          << c.what << ", write " << k;
+      EXPECT_EQ(snapshots.find("two"), std::string::npos) << snapshots;
+      EXPECT_NE(snapshots.find("one"), std::string::npos) << snapshots;
+    }
+    EXPECT_GE(failed, 4) << c.what << ": the operation wrote too little to test";
+  }
 }
 
 // Many requests in flight on one node: writers fill disjoint sectors of the same (initially
