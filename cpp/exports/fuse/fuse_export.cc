@@ -6,13 +6,15 @@
 // READ, WRITE, FSYNC (flush), FALLOCATE, LSEEK (SEEK_DATA/SEEK_HOLE from block status). The rest
 // gets libfuse's default replies (ENOSYS, or success for RELEASE and the like).
 //
-// Request flow. libfuse mounts and handles INIT, but the requests are read here: /dev/fuse is
-// non-blocking, and a reader coroutine on the export's loop reads one request per buffer ("slot")
-// until the device has nothing more, then waits for POLLIN through io_uring. Each request is
-// handed to libfuse's decoder (fuse_session_process_buf), which calls the handlers below; those
-// that need the node start a coroutine that replies when the node has answered, and keep the slot
-// while they run. So up to max_requests_in_flight requests proceed at once, with no lock and no
-// thread of their own.
+// Request flow. libfuse mounts and handles INIT, but the requests are read here: kReaders reader
+// coroutines on the export's loop each keep one io_uring read of /dev/fuse in flight, into a
+// buffer of its own ("slot"). /dev/fuse offers no non-blocking reads to io_uring, so the kernel
+// runs each read on one of its worker threads: a request is copied out of the client (a 1 MiB
+// WRITE's payload, the bulk of the work) on those threads, several at once and on every core,
+// while the loop goes on. Each request is handed to libfuse's decoder (fuse_session_process_buf),
+// which calls the handlers below; those that need the node start a coroutine that replies when
+// the node has answered, and keep the slot while they run. So up to max_requests_in_flight
+// requests proceed at once, with no lock and no thread of our own.
 //
 // Copies. A slot is 1 MiB + 8 KiB, page aligned. The kernel writes a request so that the payload
 // of a WRITE (after the 80-byte fuse_in_header + fuse_write_in) starts on a page boundary, and the
@@ -26,7 +28,6 @@
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
 #include <linux/fuse.h>
-#include <poll.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -374,7 +375,8 @@ Expected<std::shared_ptr<FuseExport>> FuseExport::create(Loop& loop,
     created->backend_->detach();
     return mounted;
   }
-  loop.spawn(created->reader());
+  created->readers_ = kReaders;
+  for (size_t index = 0; index < kReaders; ++index) loop.spawn(created->reader(index));
   return created;
 }
 
@@ -392,15 +394,8 @@ Status FuseExport::mount(bool allow_other) {
     if (session != nullptr) fuse_session_destroy(session);
     return Status::generic("Failed to mount FUSE session to export");
   }
-  const int fd = fuse_session_fd(session);
-  const int flags = fcntl(fd, F_GETFL);
-  if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) {
-    fuse_session_unmount(session);
-    fuse_session_destroy(session);
-    return Status::generic("Failed to mount FUSE session to export");
-  }
   session_ = session;
-  fd_ = fd;
+  fd_ = fuse_session_fd(session);
   mounted_ = true;
   start_watchdog();
   return Status::ok();
@@ -468,7 +463,7 @@ void FuseExport::release_slot(Slot* slot) noexcept {
   if (progress_.has_waiters()) progress_.notify_all();
 }
 
-Task<void> FuseExport::reader() {
+Task<void> FuseExport::reader(size_t index) {
   while (!stopping_) {
     Slot* slot = take_slot();
     if (slot == nullptr) {
@@ -476,19 +471,15 @@ Task<void> FuseExport::reader() {
       co_await progress_.wait();
       continue;
     }
-    const ssize_t got = ::read(fd_, slot->request(), kRequestRoom);
+    auto request = loop_.read(fd_, slot->request(), static_cast<unsigned>(kRequestRoom), 0);
+    pending_reads_[index] = &request;
+    const int got = co_await request;
+    pending_reads_[index] = nullptr;
     if (got < 0) {
-      const int error = errno;
       free_.push_back(slot);
+      if (stopping_) break;
       // ENOENT: the request was interrupted before it could be read.
-      if (error == EINTR || error == ENOENT) continue;
-      if (error == EAGAIN) {
-        auto readable = loop_.poll(fd_, POLLIN);
-        pending_poll_ = &readable;
-        co_await readable;
-        pending_poll_ = nullptr;
-        continue;
-      }
+      if (got == -EINTR || got == -ENOENT || got == -EAGAIN) continue;
       break;  // ENODEV: the file system was unmounted and the connection ended
     }
     current_ = slot;
@@ -501,7 +492,7 @@ Task<void> FuseExport::reader() {
     current_ = nullptr;
     if (fuse_session_exited(session_)) break;
   }
-  reader_done_ = true;
+  --readers_;
   progress_.notify_all();
 }
 
@@ -596,9 +587,11 @@ Task<void> FuseExport::shut_down() {
   // Processes that still hold the file open keep the connection alive after the unmount; they
   // lose it when /dev/fuse is closed below.
   stopping_ = true;
-  if (pending_poll_ != nullptr) loop_.cancel(pending_poll_);
+  for (Completion* read : pending_reads_) {
+    if (read != nullptr) loop_.cancel(read);
+  }
   progress_.notify_all();
-  while (!reader_done_ || handlers_ > 0) co_await progress_.wait();
+  while (readers_ > 0 || handlers_ > 0) co_await progress_.wait();
   co_await backend_->drain();
   backend_->detach();
   fuse_session_destroy(session_);

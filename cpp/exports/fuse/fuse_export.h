@@ -13,6 +13,7 @@
 
 #include <sys/stat.h>
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -83,7 +84,8 @@ class FuseExport final : public Export {
   // without unmounting it (SIGKILL, a crash). Nothing when fusermount3 is not installed.
   void start_watchdog() noexcept;
   void stop_watchdog() noexcept;
-  Task<void> reader();
+  // One of kReaders coroutines that read requests from /dev/fuse and hand them to libfuse.
+  Task<void> reader(size_t index);
   Slot* take_slot() noexcept;
   void release_slot(Slot* slot) noexcept;
   void fill_stat(struct stat& st) const noexcept;
@@ -120,9 +122,11 @@ class FuseExport final : public Export {
   bool current_taken_ = false;
   uint32_t handlers_ = 0;  // requests being answered by a coroutine
   Event progress_;         // a handler finished, a slot came free, or the reader stopped
-  Completion* pending_poll_ = nullptr;
+  // The reads of /dev/fuse in flight, one per reader; cancelled when the export shuts down.
+  static constexpr size_t kReaders = 4;
+  std::array<Completion*, kReaders> pending_reads_{};
+  size_t readers_ = 0;  // readers still running
   bool stopping_ = false;
-  bool reader_done_ = false;
 
   // Resizes one at a time; plain allocation (fallocate mode 0) waits for in-flight writes and
   // holds new ones back, so that filling holes with zeroes cannot overwrite fresh data.
