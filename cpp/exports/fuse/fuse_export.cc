@@ -19,8 +19,9 @@
 // Copies. A slot is 1 MiB + 8 KiB, page aligned. The kernel writes a request so that the payload
 // of a WRITE (after the 80-byte fuse_in_header + fuse_write_in) starts on a page boundary, and the
 // node writes straight from there; a READ's data is read into the same slot (its request has been
-// decoded by then) and sent from there. Files are opened with FOPEN_DIRECT_IO so that the page
-// cache neither copies nor delays anything and every read reaches the node.
+// decoded by then) and sent from there. Large READ replies go through io_uring too, so that the
+// kernel copies them into the client on its worker threads. Files are opened with FOPEN_DIRECT_IO
+// so that the page cache neither copies nor delays anything and every read reaches the node.
 #define FUSE_USE_VERSION 312
 
 #include "exports/fuse/fuse_export.h"
@@ -54,6 +55,8 @@ constexpr size_t kWriteHeader = sizeof(fuse_in_header) + sizeof(fuse_write_in);
 // What one read(2) of /dev/fuse may return: the kernel needs room for a header plus max_write.
 constexpr size_t kRequestRoom = FuseExport::kMaxTransfer + kPage;
 constexpr size_t kSlotBytes = FuseExport::kMaxTransfer + 2 * kPage;
+// Read replies of at least this size are written to /dev/fuse through io_uring.
+constexpr uint64_t kQueuedReplyMin = 64 * 1024;
 // How long the kernel may cache the file's attributes. Every change goes through this export,
 // whose replies update the kernel's copy, so caching them is safe.
 constexpr double kAttrTimeout = 1.0;
@@ -193,11 +196,13 @@ struct FuseExport::Handlers {
 
   static void read(fuse_req_t req, fuse_ino_t, size_t size, off_t offset, fuse_file_info*) {
     FuseExport& e = self(req);
-    start(e, finish_read(e, req, keep_slot(e), size, static_cast<uint64_t>(offset)));
+    Slot* slot = keep_slot(e);
+    const uint64_t unique = reinterpret_cast<const fuse_in_header*>(slot->request())->unique;
+    start(e, finish_read(e, req, slot, unique, size, static_cast<uint64_t>(offset)));
   }
 
-  static Task<void> finish_read(FuseExport& e, fuse_req_t req, Slot* slot, size_t size,
-                                uint64_t offset) {
+  static Task<void> finish_read(FuseExport& e, fuse_req_t req, Slot* slot, uint64_t unique,
+                                size_t size, uint64_t offset) {
     const uint64_t node_size = static_cast<uint64_t>(e.backend_->size());
     const uint64_t length =
         offset >= node_size
@@ -207,8 +212,20 @@ struct FuseExport::Handlers {
         length ? co_await e.backend_->read(offset, length, slot->data(), 0) : int64_t{0};
     if (ret < 0) {
       fuse_reply_err(req, fuse_errno(ret));
-    } else {
+    } else if (length < kQueuedReplyMin) {
       fuse_reply_buf(req, reinterpret_cast<const char*>(slot->data()), length);
+    } else {
+      // A large reply goes through io_uring: the kernel copies it into the reader's pages on one
+      // of its worker threads, so several replies are copied at once while the loop carries on.
+      // The reply is built here (fuse_out_header, then the data); libfuse only frees its record.
+      fuse_out_header header{};
+      header.len = static_cast<uint32_t>(sizeof header + length);
+      header.unique = unique;
+      iovec parts[2] = {{&header, sizeof header}, {slot->data(), length}};
+      fuse_reply_none(req);
+      // Errors need no answer: ENOENT means the request was interrupted meanwhile, ENODEV that
+      // the connection has gone.
+      (void)co_await e.loop_.writev(e.fd_, parts, 2, 0);
     }
     e.release_slot(slot);
   }
