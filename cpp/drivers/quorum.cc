@@ -20,6 +20,10 @@ constexpr uint64_t kSectorSize = 512;
 constexpr size_t kBufferAlignment = 4096;
 // Scratch buffers kept for reuse between reads (beyond these, buffers are freed after use).
 constexpr size_t kMaxPooledBuffers = 64;
+// The piece of a request that the compare path reads from one child at a time: small enough that
+// the scratch copy is still in the CPU cache when it is compared, large enough that the extra
+// system calls of children in memory cost little.
+constexpr uint64_t kCompareChunk = 64 << 10;
 
 // A heap buffer aligned for O_DIRECT children.
 struct ScratchBuffer {
@@ -66,6 +70,17 @@ Task<void> read_child(Node& child, uint64_t offset, uint64_t length, void* buffe
                       int64_t& result) {
   result = co_await child.read(offset, length, buffer, flags);
 }
+
+// Like read_child, and notes that the read has finished (`done` tells whether it did so before
+// the caller's next step, i.e. without waiting: a child in memory).
+Task<void> read_child_noting(Node& child, uint64_t offset, uint64_t length, void* buffer,
+                             uint32_t flags, int64_t& result, bool& done) {
+  result = co_await child.read(offset, length, buffer, flags);
+  done = true;
+}
+
+// The result of comparing one child with the data already in the caller's buffer.
+enum class Comparison { kEqual, kDifferent, kFailed };
 
 Task<void> write_child(Node& child, uint64_t offset, uint64_t length, const void* buffer,
                        uint32_t flags, int64_t& result) {
@@ -247,6 +262,8 @@ class QuorumNode final : public Node {
   }
 
   Task<int64_t> read_fifo(uint64_t offset, uint64_t length, void* buffer, uint32_t flags) noexcept;
+  Task<Comparison> compare_child(Node& child, uint64_t offset, uint64_t length, const char* expected,
+                                 char* chunk, uint64_t chunk_size, uint32_t flags, int64_t& error);
   Task<int64_t> vote(uint64_t offset, uint64_t length, void* buffer, ChildArray<char*>& data,
                      ChildArray<int64_t>& results);
   // Runs `change` on the node's loop once no request is in flight.
@@ -270,30 +287,81 @@ Task<int64_t> QuorumNode::read_fifo(uint64_t offset, uint64_t length, void* buff
   co_return result;
 }
 
+// Reads piece by piece into `chunk` and compares each piece with `expected` right away, while the
+// copy is still in the cache. Stops at the first difference or error (`error` then holds it).
+Task<Comparison> QuorumNode::compare_child(Node& child, uint64_t offset, uint64_t length,
+                                           const char* expected, char* chunk, uint64_t chunk_size,
+                                           uint32_t flags, int64_t& error) {
+  for (uint64_t done = 0; done < length;) {
+    const uint64_t piece = std::min(chunk_size, length - done);
+    const int64_t result = co_await child.read(offset + done, piece, chunk, flags);
+    if (result < 0) {
+      error = result;
+      co_return Comparison::kFailed;
+    }
+    if (std::memcmp(expected + done, chunk, piece) != 0) co_return Comparison::kDifferent;
+    done += piece;
+  }
+  co_return Comparison::kEqual;
+}
+
 Task<int64_t> QuorumNode::read(uint64_t offset, uint64_t length, void* buffer,
                                uint32_t flags) noexcept {
   InFlight guard(this);
   if (fifo()) co_return co_await read_fifo(offset, length, buffer, flags);
   const size_t count = children().size();
-  // Child 0 reads straight into the caller's buffer; the others into scratch buffers.
+  // data[i] holds child i's bytes: child 0 reads straight into the caller's buffer, a child found
+  // equal to it shares that buffer, the others get scratch buffers.
   ChildArray<ScratchBuffer> scratch(count);
   ChildArray<char*> data(count);
   ChildArray<int64_t> results(count);
   data[0] = static_cast<char*>(buffer);
-  for (size_t i = 1; i < count; ++i) {
+  Join join;
+  bool first_done = false;
+  join.start(loop(), read_child_noting(child_node(0), offset, length, buffer, flags, results[0],
+                                       first_done));
+  // `pending` is the first child not read yet.
+  size_t pending = 1;
+  if (first_done && results[0] >= 0) {
+    // The compare path, for children that answer without waiting (files in memory): the others
+    // are read one after another through one small buffer and compared as they arrive. Nothing
+    // is hashed or copied whole unless a child disagrees or fails.
+    const uint64_t chunk_size =
+        length <= kCompareChunk ? length : std::max<uint64_t>(kCompareChunk, request_alignment());
+    ScratchBuffer chunk = take_buffer(chunk_size);
+    if (chunk.data == nullptr) co_return -ENOMEM;
+    for (; pending < count; ++pending) {
+      const Comparison comparison =
+          co_await compare_child(child_node(pending), offset, length, data[0], chunk.data.get(),
+                                 chunk_size, flags, results[pending]);
+      if (comparison == Comparison::kDifferent) break;
+      if (comparison == Comparison::kEqual) {
+        data[pending] = data[0];
+        results[pending] = 0;
+      }
+    }
+    give_back(std::move(chunk));
+    if (pending == count) {
+      bool all_agree = true;
+      for (size_t i = 1; i < count; ++i) all_agree = all_agree && results[i] >= 0;
+      if (all_agree) co_return 0;
+    }
+  }
+  // Every child from `pending` on is read whole, concurrently, and the children vote.
+  for (size_t i = pending; i < count; ++i) {
     scratch[i] = take_buffer(length);
     data[i] = scratch[i].data.get();
-    if (data[i] == nullptr) co_return -ENOMEM;
-  }
-  {
-    Join join;
-    for (size_t i = 0; i < count; ++i) {
-      join.start(loop(), read_child(child_node(i), offset, length, data[i], flags, results[i]));
+    if (data[i] == nullptr) {
+      co_await join.wait();
+      co_return -ENOMEM;
     }
-    co_await join.wait();
   }
+  for (size_t i = pending; i < count; ++i) {
+    join.start(loop(), read_child(child_node(i), offset, length, data[i], flags, results[i]));
+  }
+  co_await join.wait();
   const int64_t result = co_await vote(offset, length, buffer, data, results);
-  for (size_t i = 1; i < count; ++i) give_back(std::move(scratch[i]));
+  for (size_t i = pending; i < count; ++i) give_back(std::move(scratch[i]));
   co_return result;
 }
 
@@ -321,7 +389,7 @@ Task<int64_t> QuorumNode::vote(uint64_t offset, uint64_t length, void* buffer,
     if (results[i] >= 0) agree = std::memcmp(data[first], data[i], length) == 0;
   }
   if (agree) {
-    if (first != 0) std::memcpy(buffer, data[first], length);
+    if (data[first] != buffer) std::memcpy(buffer, data[first], length);
     co_return 0;
   }
   // Vote: group the children by their data (hash first, bytes to confirm). group[i] is the
@@ -359,7 +427,7 @@ Task<int64_t> QuorumNode::vote(uint64_t offset, uint64_t length, void* buffer,
       report_bad(QuorumEvent::Op::kRead, 0, child_node(i), offset, length);
     }
   }
-  if (winner != 0) std::memcpy(buffer, data[winner], length);
+  if (data[winner] != buffer) std::memcpy(buffer, data[winner], length);
   if (rewrite) {
     // Repairs complete before the read does; their own failures are not the reader's concern.
     ChildArray<int64_t> repaired(count);

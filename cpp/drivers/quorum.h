@@ -2,8 +2,12 @@
 // that fail or return different data.
 //
 // Implements QEMU 7.2's "quorum" (BlockdevOptionsQuorum) as qemu-storage-daemon 7.2 behaves:
-//  - Reads, read-pattern "quorum": every child is read in parallel. When all successful reads
-//    agree the data is returned. Otherwise each successful child's data is hashed over the whole
+//  - Reads, read-pattern "quorum": every child is read. Child 0 reads into the caller's buffer.
+//    When it answers without waiting (a file in memory), the other children are read one after
+//    another in pieces of up to 64 KiB through one small buffer, each piece compared with the
+//    caller's buffer while still in the cache; otherwise all children are read in parallel.
+//    When all successful reads agree the data is returned. Otherwise (children from the first
+//    that differs on are then read whole) each successful child's data is hashed over the whole
 //    request and the children are grouped by equal data; the largest group (ties: the group whose
 //    data was first seen on the highest-numbered child, as QEMU) wins if it has at least
 //    vote-threshold members; its data is returned, every other successful child is reported bad

@@ -2,6 +2,8 @@
 #include "drivers/quorum.h"
 
 #include <fcntl.h>
+#include <linux/magic.h>
+#include <sys/statfs.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -20,8 +22,13 @@ using testing::run;
 
 constexpr size_t kImageSize = 1 << 20;
 
-class QuorumTest : public ::testing::Test {
+// The children's files live in `parent`: on disk (/var/tmp) their reads wait for io_uring and the
+// quorum reads every child at once; in memory (/dev/shm) they complete at once and the quorum takes
+// its compare path (one child after another, piece by piece). Both must behave alike.
+class QuorumFixture : public ::testing::Test {
  protected:
+  explicit QuorumFixture(const std::string& parent = "/var/tmp") : dir_(parent) {}
+
   void SetUp() override {
     for (int i = 0; i < 3; ++i) {
       paths_.push_back(dir_.file("c" + std::to_string(i)));
@@ -98,7 +105,24 @@ class QuorumTest : public ::testing::Test {
   std::vector<QuorumEvent> events_;
 };
 
-TEST_F(QuorumTest, ValidationFollowsQemu) {
+class QuorumTest : public QuorumFixture, public ::testing::WithParamInterface<std::string> {
+ protected:
+  QuorumTest() : QuorumFixture(GetParam()) {}
+  void SetUp() override {
+    struct statfs fs {};
+    if (GetParam() == "/dev/shm" && (statfs("/dev/shm", &fs) != 0 || fs.f_type != TMPFS_MAGIC)) {
+      GTEST_SKIP() << "/dev/shm is not a tmpfs here";
+    }
+    QuorumFixture::SetUp();
+  }
+};
+
+INSTANTIATE_TEST_SUITE_P(Files, QuorumTest, ::testing::Values("/var/tmp", "/dev/shm"),
+                         [](const auto& info) {
+                           return info.param == "/dev/shm" ? "InMemory" : "OnDisk";
+                         });
+
+TEST_P(QuorumTest, ValidationFollowsQemu) {
   auto message = [this](QuorumOptions options, size_t children) {
     return validate_quorum_options(options, children).message();
   };
@@ -118,14 +142,14 @@ TEST_F(QuorumTest, ValidationFollowsQemu) {
   EXPECT_TRUE(validate_quorum_options(fifo, 2).is_ok());
 }
 
-TEST_F(QuorumTest, ChildrenOfDifferentLengthsAreRefused) {
+TEST_P(QuorumTest, ChildrenOfDifferentLengthsAreRefused) {
   ASSERT_EQ(truncate(paths_[2].c_str(), 2 * kImageSize), 0);
   auto node = quorum(threshold(2));
   ASSERT_FALSE(node.has_value());
   EXPECT_EQ(node.status().message(), "Could not refresh total sector count: Input/output error");
 }
 
-TEST_F(QuorumTest, ReadsOutvoteACorruptChild) {
+TEST_P(QuorumTest, ReadsOutvoteACorruptChild) {
   write_file(1, 4096 + 100, pattern(50, 'X'));
   auto node = quorum(threshold(2));
   ASSERT_TRUE(node.has_value()) << node.status().message();
@@ -145,7 +169,7 @@ TEST_F(QuorumTest, ReadsOutvoteACorruptChild) {
   EXPECT_EQ(read_file(1, 4096 + 100, 50), pattern(50, 'X'));
 }
 
-TEST_F(QuorumTest, CorruptChild0LosesAndTheCallerGetsTheWinner) {
+TEST_P(QuorumTest, CorruptChild0LosesAndTheCallerGetsTheWinner) {
   write_file(0, 0, pattern(512, 'X'));
   auto node = quorum(threshold(2));
   ASSERT_TRUE(node.has_value());
@@ -156,7 +180,7 @@ TEST_F(QuorumTest, CorruptChild0LosesAndTheCallerGetsTheWinner) {
   EXPECT_EQ(events_[0].node_name, "c0");
 }
 
-TEST_F(QuorumTest, RewriteCorruptedRepairsTheLoser) {
+TEST_P(QuorumTest, RewriteCorruptedRepairsTheLoser) {
   write_file(2, 65536, pattern(4096, 'Y'));
   QuorumOptions options = threshold(2);
   options.rewrite_corrupted = true;
@@ -170,9 +194,17 @@ TEST_F(QuorumTest, RewriteCorruptedRepairsTheLoser) {
   events_.clear();
   ASSERT_EQ(read(**node, 65536, out), 0);
   EXPECT_TRUE(events_.empty());
+  // A difference in a later piece of a large read is repaired too.
+  write_file(1, 200000, pattern(3, 'Z'));
+  std::vector<char> large(262144);
+  ASSERT_EQ(read(**node, 0, large), 0);
+  EXPECT_EQ(large, read_file(0, 0, large.size()));
+  ASSERT_EQ(events_.size(), 1u);
+  EXPECT_EQ(events_[0].node_name, "c1");
+  EXPECT_EQ(read_file(1, 0, large.size()), large);
 }
 
-TEST_F(QuorumTest, NoMajorityFailsWithEio) {
+TEST_P(QuorumTest, NoMajorityFailsWithEio) {
   write_file(1, 0, pattern(512, 'A'));
   write_file(2, 0, pattern(512, 'B'));
   auto node = quorum(threshold(2));
@@ -184,9 +216,19 @@ TEST_F(QuorumTest, NoMajorityFailsWithEio) {
   EXPECT_EQ(events_[0].node_name, "q");
   EXPECT_EQ(events_[0].sector_num, 0);
   EXPECT_EQ(events_[0].sectors_count, 2);
+  // Children that differ from child 0 in different pieces of a large read agree with nobody.
+  write_file(1, 70000, pattern(1, 'X'));
+  write_file(2, 140000, pattern(1, 'Y'));
+  events_.clear();
+  std::vector<char> large(196608);
+  EXPECT_EQ(read(**node, 65536, large), -EIO);
+  ASSERT_EQ(events_.size(), 1u);
+  EXPECT_EQ(events_[0].kind, QuorumEvent::Kind::kFailure);
+  EXPECT_EQ(events_[0].sector_num, 128);
+  EXPECT_EQ(events_[0].sectors_count, 384);
 }
 
-TEST_F(QuorumTest, TwoAgreeingCorruptChildrenWin) {
+TEST_P(QuorumTest, TwoAgreeingCorruptChildrenWin) {
   write_file(1, 0, pattern(512, 'A'));
   write_file(2, 0, pattern(512, 'A'));
   auto node = quorum(threshold(2));
@@ -198,7 +240,7 @@ TEST_F(QuorumTest, TwoAgreeingCorruptChildrenWin) {
   EXPECT_EQ(events_[0].node_name, "c0");
 }
 
-TEST_F(QuorumTest, TiesGoToTheVersionOfTheHighestChild) {
+TEST_P(QuorumTest, TiesGoToTheVersionOfTheHighestChild) {
   write_file(1, 0, pattern(512, 'A'));
   write_file(2, 0, pattern(512, 'B'));
   auto node = quorum(threshold(1));
@@ -209,7 +251,7 @@ TEST_F(QuorumTest, TiesGoToTheVersionOfTheHighestChild) {
   EXPECT_EQ(events_.size(), 2u);
 }
 
-TEST_F(QuorumTest, FailingChildIsReportedWithItsError) {
+TEST_P(QuorumTest, FailingChildIsReportedWithItsError) {
   BlkdebugInjectError rule;
   rule.event = "read_aio";
   auto node = quorum(threshold(2), {file_node(0), blkdebug_node(1, {rule}), file_node(2)});
@@ -223,7 +265,7 @@ TEST_F(QuorumTest, FailingChildIsReportedWithItsError) {
   EXPECT_EQ(events_[0].sectors_count, 8);
 }
 
-TEST_F(QuorumTest, TooFewSuccessfulReadsFailWithTheCommonError) {
+TEST_P(QuorumTest, TooFewSuccessfulReadsFailWithTheCommonError) {
   BlkdebugInjectError rule;
   rule.event = "read_aio";
   rule.error = ENOSPC;
@@ -237,7 +279,7 @@ TEST_F(QuorumTest, TooFewSuccessfulReadsFailWithTheCommonError) {
   EXPECT_EQ(events_[2].sector_num, 1);
 }
 
-TEST_F(QuorumTest, FifoReadsTheFirstChildThatWorks) {
+TEST_P(QuorumTest, FifoReadsTheFirstChildThatWorks) {
   BlkdebugInjectError rule;
   rule.event = "read_aio";
   write_file(2, 0, pattern(512, 'Z'));  // not read: child 1 answers first
@@ -252,7 +294,7 @@ TEST_F(QuorumTest, FifoReadsTheFirstChildThatWorks) {
   EXPECT_EQ(events_[0].node_name, "d0");
 }
 
-TEST_F(QuorumTest, WritesSucceedWithThresholdChildren) {
+TEST_P(QuorumTest, WritesSucceedWithThresholdChildren) {
   BlkdebugInjectError rule;
   rule.event = "write_aio";
   auto node = quorum(threshold(2), {file_node(0), file_node(1), blkdebug_node(2, {rule})});
@@ -269,7 +311,7 @@ TEST_F(QuorumTest, WritesSucceedWithThresholdChildren) {
   EXPECT_EQ(events_[0].sectors_count, 2);
 }
 
-TEST_F(QuorumTest, WritesFailBelowThreshold) {
+TEST_P(QuorumTest, WritesFailBelowThreshold) {
   BlkdebugInjectError rule;
   rule.event = "write_aio";
   auto node =
@@ -284,7 +326,7 @@ TEST_F(QuorumTest, WritesFailBelowThreshold) {
   ASSERT_EQ(events_.size(), 3u);
 }
 
-TEST_F(QuorumTest, FlushReportsFailingChildrenWithoutFailure) {
+TEST_P(QuorumTest, FlushReportsFailingChildrenWithoutFailure) {
   BlkdebugInjectError rule;
   rule.event = "flush_to_os";
   rule.iotype = BlkdebugIoType::kFlush;
@@ -300,7 +342,7 @@ TEST_F(QuorumTest, FlushReportsFailingChildrenWithoutFailure) {
   }
 }
 
-TEST_F(QuorumTest, BlkverifyMismatchIsAnErrorNotAnExit) {
+TEST_P(QuorumTest, BlkverifyMismatchIsAnErrorNotAnExit) {
   write_file(1, 0, pattern(512, 'X'));
   QuorumOptions options = threshold(2);
   options.blkverify = true;
@@ -313,7 +355,7 @@ TEST_F(QuorumTest, BlkverifyMismatchIsAnErrorNotAnExit) {
   EXPECT_EQ(read(**node, 4096, out), 0);
 }
 
-TEST_F(QuorumTest, BlockStatusMergesChildren) {
+TEST_P(QuorumTest, BlockStatusMergesChildren) {
   // Child 2 is sparse in its second half; the others hold data: the merge says data.
   ASSERT_EQ(truncate(paths_[2].c_str(), kImageSize / 2), 0);
   ASSERT_EQ(truncate(paths_[2].c_str(), kImageSize), 0);
@@ -337,7 +379,7 @@ TEST_F(QuorumTest, BlockStatusMergesChildren) {
   EXPECT_FALSE(status.flags & block::kStatusData);
 }
 
-TEST_F(QuorumTest, ChildrenComeAndGo) {
+TEST_P(QuorumTest, ChildrenComeAndGo) {
   auto node = quorum(threshold(2), {file_node(0), file_node(1)});
   ASSERT_TRUE(node.has_value());
   Node& q = **node;
@@ -365,7 +407,7 @@ TEST_F(QuorumTest, ChildrenComeAndGo) {
   EXPECT_EQ(out, read_file(0, 0, 512));
 }
 
-TEST_F(QuorumTest, BlkverifyRefusesNewChildren) {
+TEST_P(QuorumTest, BlkverifyRefusesNewChildren) {
   QuorumOptions options = threshold(2);
   options.blkverify = true;
   auto node = quorum(options, {file_node(0), file_node(1)});
@@ -374,7 +416,7 @@ TEST_F(QuorumTest, BlkverifyRefusesNewChildren) {
             "Cannot add a child to a quorum in blkverify mode");
 }
 
-TEST_F(QuorumTest, FileNameListsTheChildren) {
+TEST_P(QuorumTest, FileNameListsTheChildren) {
   QuorumOptions options = threshold(2);
   options.read_pattern = QuorumOptions::ReadPattern::kFifo;
   auto node = quorum(options);
@@ -388,9 +430,78 @@ TEST_F(QuorumTest, FileNameListsTheChildren) {
   EXPECT_FALSE(json.contains("rewrite-corrupted"));
 }
 
+// A corrupt byte anywhere in a request (first piece, a later piece, the very last byte), on any
+// child, at several sizes and offsets, is outvoted and reported with the request's sectors.
+TEST_P(QuorumTest, DisagreementAnywhereInTheRequestIsOutvoted) {
+  auto node = quorum(threshold(2));
+  ASSERT_TRUE(node.has_value()) << node.status().message();
+  const uint64_t lengths[] = {512, 4096, 65536, 65536 + 4096, 3 * 65536 + 1000};
+  const uint64_t offsets[] = {0, 1536, 200704};
+  for (const uint64_t length : lengths) {
+    for (const uint64_t offset : offsets) {
+      for (int child = 0; child < 3; ++child) {
+        for (const uint64_t at : {uint64_t{0}, length / 2 + 7, length - 1}) {
+          SCOPED_TRACE("length " + std::to_string(length) + " offset " + std::to_string(offset) +
+                       " child " + std::to_string(child) + " at " + std::to_string(at));
+          const std::vector<char> good = read_file(child, offset + at, 1);
+          write_file(child, offset + at, std::vector<char>(1, static_cast<char>(good[0] ^ 0x5a)));
+          events_.clear();
+          std::vector<char> out(length);
+          ASSERT_EQ(read(**node, offset, out), 0);
+          EXPECT_EQ(out, read_file((child + 1) % 3, offset, length));
+          ASSERT_EQ(events_.size(), 1u);
+          EXPECT_EQ(events_[0].kind, QuorumEvent::Kind::kReportBad);
+          EXPECT_EQ(events_[0].node_name, "c" + std::to_string(child));
+          EXPECT_FALSE(events_[0].error.has_value());
+          EXPECT_EQ(events_[0].sector_num, static_cast<int64_t>(offset / 512));
+          EXPECT_EQ(events_[0].sectors_count,
+                    static_cast<int64_t>((offset + length + 511) / 512 - offset / 512));
+          write_file(child, offset + at, good);
+        }
+      }
+    }
+  }
+  events_.clear();
+  std::vector<char> out(65536 * 2);
+  ASSERT_EQ(read(**node, 4096, out), 0);
+  EXPECT_TRUE(events_.empty());
+}
+
+TEST_P(QuorumTest, ErrorInALaterPieceIsReportedAndOutvoted) {
+  BlkdebugInjectError rule;
+  rule.event = "read_aio";
+  rule.error = EIO;
+  rule.sector = (65536 + 4096) / 512;  // in the second piece of the compare path
+  std::vector<std::shared_ptr<Node>> children{file_node(0), blkdebug_node(1, {rule}),
+                                              file_node(2)};
+  auto node = quorum(threshold(2), children);
+  ASSERT_TRUE(node.has_value());
+  std::vector<char> out(262144);
+  ASSERT_EQ(read(**node, 0, out), 0);
+  EXPECT_EQ(out, read_file(0, 0, out.size()));
+  ASSERT_EQ(events_.size(), 1u);
+  EXPECT_EQ(events_[0].kind, QuorumEvent::Kind::kReportBad);
+  EXPECT_EQ(events_[0].node_name, "d1");
+  EXPECT_EQ(events_[0].error, "Input/output error");
+  EXPECT_EQ(events_[0].sector_num, 0);
+  EXPECT_EQ(events_[0].sectors_count, 512);
+}
+
+TEST_P(QuorumTest, BlkverifyFailsOnADifferenceInALaterPiece) {
+  write_file(1, 131072 + 10, pattern(1, 'B'));
+  QuorumOptions options = threshold(2);
+  options.blkverify = true;
+  auto node = quorum(options, {file_node(0), file_node(1)});
+  ASSERT_TRUE(node.has_value()) << node.status().message();
+  std::vector<char> out(262144);
+  EXPECT_EQ(read(**node, 0, out), -EIO);
+  ASSERT_EQ(events_.size(), 1u);
+  EXPECT_EQ(events_[0].kind, QuorumEvent::Kind::kFailure);
+}
+
 // ---- blkdebug on its own.
 
-class BlkdebugTest : public QuorumTest {};
+class BlkdebugTest : public QuorumFixture {};
 
 TEST_F(BlkdebugTest, OnceFailsOnlyTheFirstMatchingRequest) {
   BlkdebugInjectError rule;
