@@ -3,18 +3,21 @@
 
 Usage (from the repository root, after `./dev build`):
 
-    .venv/bin/python bench/quorum.py [--runtime S] [--reps N] [--size MiB]
+    .venv/bin/python bench/quorum.py [--runtime S] [--reps N] [--size MiB] [--blockd PATH]
+        [--servers blockd,qsd,blockd-single] [--workloads randread-4k-qd32,...]
 
 Three identical raw files in /dev/shm are the children of a quorum node (vote-threshold 2), which
 each server exports over a unix socket; a single raw node over one of the files, exported by
 blockd, is the reference for the issue's "reads within 20% of a single child" target. Servers and
 workloads run interleaved, one at a time, through bench/run.py's run_one (fio's nbd engine, server
-CPU from /proc). Prints a Markdown table of median IOPS and bandwidth. Standard library only.
+CPU from /proc). Prints a Markdown table of median IOPS, bandwidth and server CPU time per I/O,
+with the load average. Standard library only.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -57,11 +60,15 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=512, help="child size in MiB (default 512)")
     parser.add_argument("--image", default="/dev/shm/blockd-quorum-bench",
                         help="children are IMAGE.c0, .c1, .c2 (default in /dev/shm; removed)")
+    parser.add_argument("--blockd", help="the blockd-daemon to run (default: the venv's)")
+    parser.add_argument("--servers", help="comma-separated subset of blockd,qsd,blockd-single")
+    parser.add_argument("--workloads", help="comma-separated subset of "
+                        + ",".join(w.key for w in WORKLOADS))
     args = parser.parse_args()
     fio = shutil.which("fio")
     if not fio:
         sys.exit("bench: fio not found (Debian package fio)")
-    blockd = bench.blockd_daemon()
+    blockd = args.blockd or bench.blockd_daemon()
     servers = [
         bench.Server("blockd", "blockd-daemon quorum", lambda i, s: quorum_argv(blockd, i, s), ""),
         bench.Server("qsd", "qemu-storage-daemon quorum",
@@ -69,6 +76,12 @@ def main() -> int:
         bench.Server("blockd-single", "blockd-daemon single raw child",
                      lambda i, s: single_argv(blockd, i, s), ""),
     ]
+    if args.servers:
+        servers = [s for s in servers if s.key in args.servers.split(",")]
+    workloads = WORKLOADS
+    if args.workloads:
+        workloads = [w for w in WORKLOADS if w.key in args.workloads.split(",")]
+    load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     chunk = bytes(range(256)) * 4096
     paths = [Path(f"{args.image}.c{i}") for i in range(3)]
     for path in paths:
@@ -79,31 +92,41 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="blockd-quorum-bench-") as tmp:
             for rep in range(1, args.reps + 1):
-                for workload in WORKLOADS:
+                for workload in workloads:
                     for server in servers:
                         run = bench.run_one(server, workload, rep, args.image, Path(tmp),
                                             args.runtime, fio)
                         results.setdefault((workload.key, server.key), []).append(run)
                         print(f"rep {rep} {workload.key} {server.key}: "
-                              + (f"{run.iops:.0f} IOPS" if run.ok else f"FAILED {run.error[:300]}"),
+                              + (f"{run.iops:.0f} IOPS, {run.cpu_us_per_io:.1f} µs CPU/IO"
+                                 if run.ok else f"FAILED {run.error[:300]}"),
                               flush=True)
     finally:
         for path in paths:
             path.unlink(missing_ok=True)
+    load_end = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print()
+    print(f"load average at start {load_start}, at end {load_end}; "
+          "cells: median IOPS, MiB/s, server CPU µs per I/O")
+    print()
+    keys = [s.key for s in servers]
     print("| workload | " + " | ".join(s.label for s in servers) + " | blockd / qsd | quorum / single |")
     print("|---" * (len(servers) + 3) + "|")
-    for workload in WORKLOADS:
+    for workload in workloads:
         medians = {}
         cells = []
         for server in servers:
             runs = [r for r in results.get((workload.key, server.key), []) if r.ok]
             iops = statistics.median(r.iops for r in runs) if runs else 0.0
             bw = statistics.median(r.bw_bytes for r in runs) if runs else 0.0
+            cpu = statistics.median(r.cpu_us_per_io for r in runs) if runs else float("nan")
             medians[server.key] = iops
-            cells.append(f"{iops:,.0f} IOPS, {bw / 2**20:,.0f} MiB/s")
-        ratio = medians["blockd"] / medians["qsd"] if medians["qsd"] else float("nan")
-        single = medians["blockd"] / medians["blockd-single"] if medians["blockd-single"] else float("nan")
+            cells.append(f"{iops:,.0f} IOPS, {bw / 2**20:,.0f} MiB/s, {cpu:.1f} µs")
+        ratio = (medians["blockd"] / medians["qsd"]
+                 if "blockd" in keys and "qsd" in keys and medians["qsd"] else float("nan"))
+        single = (medians["blockd"] / medians["blockd-single"]
+                  if "blockd" in keys and "blockd-single" in keys and medians["blockd-single"]
+                  else float("nan"))
         print(f"| {workload.label} | " + " | ".join(cells) + f" | {ratio:.2f} | {single:.2f} |")
     return 0
 
