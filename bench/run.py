@@ -217,7 +217,12 @@ def tail(path: Path, limit: int = 1500) -> str:
 
 
 def run_one(server: Server, workload: Workload, rep: int, image: str, workdir: Path,
-            runtime: int, fio: str) -> Run:
+            runtime: int, fio: str, prepare: Callable[[str], str] | None = None,
+            timed: bool = True) -> Run:
+    """One fio run against a server started alone on image. prepare(socket path) runs once the
+    server serves, before fio, and returns an error text or ''. With timed=False fio runs
+    without --time_based (the workload must bound itself, e.g. with --io_size) and runtime is only
+    the time limit."""
     run = Run(rep, workload.key, server.key)
     sock = str(workdir / f"{server.key}.sock")
     if os.path.exists(sock):
@@ -231,10 +236,14 @@ def run_one(server: Server, workload: Workload, rep: int, image: str, workdir: P
         if problem:
             run.error = f"{problem}; server output: {tail(server_log)}"
             return run
+        if prepare and (problem := prepare(sock)):
+            run.error = f"{problem}; server output: {tail(server_log)}"
+            return run
         uri = f"nbd+unix:///{EXPORT}?socket={sock}"
         fio_json = workdir / f"{server.key}.{workload.key}.{rep}.fio.json"
+        timing = ["--time_based", f"--runtime={runtime}"] if timed else []
         argv = [fio, "--name=bench", "--ioengine=nbd", f"--uri={uri}", *workload.fio_args,
-                "--time_based", f"--runtime={runtime}", "--norandommap", "--randrepeat=0",
+                *timing, "--norandommap", "--randrepeat=0",
                 "--group_reporting", "--output-format=json", f"--output={fio_json}"]
         before = cpu_seconds(proc.pid)
         start = time.monotonic()
