@@ -74,10 +74,10 @@ void MetadataCache::trim() {
   while (entries_.size() > capacity_) {
     auto victim = entries_.end();
     for (auto it = entries_.begin(); it != entries_.end(); ++it) {
-      if (it->second->dirty) continue;
+      if (it->second->dirty || it->second->pins > 0) continue;
       if (victim == entries_.end() || it->second->last_use < victim->second->last_use) victim = it;
     }
-    if (victim == entries_.end()) return;  // only dirty entries left
+    if (victim == entries_.end()) return;  // only dirty or pinned entries left
     entries_.erase(victim);
   }
 }
@@ -105,7 +105,13 @@ class SharedGuard {
 class ExclusiveGuard {
  public:
   explicit ExclusiveGuard(AsyncRwLock& lock) : lock_(&lock) {}
-  ~ExclusiveGuard() { lock_->unlock(); }
+  ~ExclusiveGuard() {
+    if (lock_) lock_->unlock();
+  }
+  void release() {
+    if (lock_) lock_->unlock();
+    lock_ = nullptr;
+  }
 
  private:
   AsyncRwLock* lock_;
@@ -472,16 +478,29 @@ Task<int> Qcow2Node::load_table(MetadataCache& cache, uint64_t offset, TablePtr&
   co_return 0;
 }
 
-Task<int> Qcow2Node::lookup(uint64_t guest_cluster, uint64_t& entry) noexcept {
+int Qcow2Node::lookup_cached(uint64_t guest_cluster, uint64_t& entry) noexcept {
   entry = 0;
   const uint64_t l1_index = guest_cluster / l2_entries_;
-  if (l1_index >= l1_.size()) co_return -EIO;
+  if (l1_index >= l1_.size()) return -EIO;
   const uint64_t l1_entry = l1_[l1_index];
-  if (!check_l1_entry(l1_entry, cluster_bits_, host_end_).empty()) co_return -EIO;
+  if (!check_l1_entry(l1_entry, cluster_bits_, host_end_).empty()) return -EIO;
   const uint64_t l2_offset = l1_entry & kOffsetMask;
-  if (l2_offset == 0) co_return 0;
+  if (l2_offset == 0) return 1;
+  const TablePtr table = l2_cache_.find(l2_offset);
+  if (!table) return 0;
+  entry = table->entry(guest_cluster % l2_entries_);
+  if (!check_l2_entry(entry, header_.version, cluster_bits_, host_end_).empty()) return -EIO;
+  return 1;
+}
+
+Task<int> Qcow2Node::lookup(uint64_t guest_cluster, uint64_t& entry) noexcept {
+  if (int found = lookup_cached(guest_cluster, entry); found != 0) co_return found < 0 ? found : 0;
+  // The L1 entry is valid and the L2 table not cached: read it.
   TablePtr table;
-  if (int r = co_await load_table(l2_cache_, l2_offset, table); r < 0) co_return r;
+  if (int r = co_await load_table(l2_cache_, l1_[guest_cluster / l2_entries_] & kOffsetMask, table);
+      r < 0) {
+    co_return r;
+  }
   entry = table->entry(guest_cluster % l2_entries_);
   if (!check_l2_entry(entry, header_.version, cluster_bits_, host_end_).empty()) co_return -EIO;
   co_return 0;
@@ -539,7 +558,7 @@ Task<int> Qcow2Node::read_cluster(uint64_t guest_cluster, uint64_t entry,
 Task<int64_t> Qcow2Node::read(uint64_t offset, uint64_t length, void* buffer, uint32_t) noexcept {
   const uint64_t size = header_.size;
   if (offset > size || length > size - offset) co_return -EINVAL;
-  co_await lock_.lock_shared();
+  if (!lock_.try_lock_shared()) co_await lock_.lock_shared();
   SharedGuard guard(lock_);
   auto* out = static_cast<uint8_t*>(buffer);
   uint64_t pos = offset;
@@ -549,7 +568,9 @@ Task<int64_t> Qcow2Node::read(uint64_t offset, uint64_t length, void* buffer, ui
     const uint64_t in = offset_in_cluster(pos);
     uint64_t n = std::min(cluster_size() - in, end - pos);
     uint64_t entry;
-    if (int r = co_await lookup(guest_cluster, entry); r < 0) co_return r;
+    int found = lookup_cached(guest_cluster, entry);
+    if (found == 0) found = co_await lookup(guest_cluster, entry);
+    if (found < 0) co_return found;
     switch (classify_l2_entry(entry, header_.version)) {
       case ClusterKind::kNormal: {
         // Extend over following clusters that are stored contiguously.
@@ -557,7 +578,9 @@ Task<int64_t> Qcow2Node::read(uint64_t offset, uint64_t length, void* buffer, ui
         uint64_t clusters = 1;
         while (pos + n < end && n < file().max_transfer()) {
           uint64_t next_entry;
-          if (co_await lookup(guest_cluster + clusters, next_entry) < 0) break;
+          int next_found = lookup_cached(guest_cluster + clusters, next_entry);
+          if (next_found == 0) next_found = co_await lookup(guest_cluster + clusters, next_entry);
+          if (next_found < 0) break;
           if (classify_l2_entry(next_entry, header_.version) != ClusterKind::kNormal ||
               (next_entry & kOffsetMask) != base + (clusters << cluster_bits_)) {
             break;
@@ -566,7 +589,9 @@ Task<int64_t> Qcow2Node::read(uint64_t offset, uint64_t length, void* buffer, ui
           ++clusters;
         }
         const uint64_t host = base + in;
-        if (int r = co_await file_read(host, out, n); r < 0) co_return r;
+        const int64_t r = n <= file().max_transfer() ? co_await file().read(host, n, out, 0)
+                                                      : co_await file_read(host, out, n);
+        if (r < 0) co_return r;
         break;
       }
       case ClusterKind::kZeroPlain:
@@ -768,7 +793,7 @@ Task<int> Qcow2Node::grow_refcount_table(uint64_t needed_index) noexcept {
   co_return co_await update_refcount(old_offset, old_bytes, -1);
 }
 
-Task<int64_t> Qcow2Node::allocate_clusters(uint64_t count) noexcept {
+Task<int64_t> Qcow2Node::allocate_clusters(uint64_t count, bool* fresh) noexcept {
   uint64_t run_start = free_hint_;
   uint64_t index = free_hint_;
   uint64_t first_free = UINT64_MAX;
@@ -801,6 +826,9 @@ Task<int64_t> Qcow2Node::allocate_clusters(uint64_t count) noexcept {
   for (uint64_t i = 0; i < count; ++i) {
     if (int r = co_await update_refcount((run_start + i) << cluster_bits_, 1, 1); r < 0) co_return r;
   }
+  // host_end_ only grows, and covers every cluster written since open (metadata is allocated
+  // before it is written; refcount blocks raise it themselves).
+  if (fresh) *fresh = (run_start << cluster_bits_) >= host_end_;
   host_end_ = std::max(host_end_, (run_start + count) << cluster_bits_);
   co_return static_cast<int64_t>(run_start << cluster_bits_);
 }
@@ -825,9 +853,7 @@ void Qcow2Node::defer_free_entry(uint64_t entry, DiscardKind kind) {
   }
 }
 
-Task<int> Qcow2Node::apply_deferred_frees() noexcept {
-  std::vector<DeferredFree> frees;
-  frees.swap(deferred_frees_);
+Task<int> Qcow2Node::apply_deferred_frees(std::vector<DeferredFree> frees) noexcept {
   for (const DeferredFree& free : frees) {
     if (int r = co_await update_refcount(free.offset, free.length, -1); r < 0) co_return r;
     if (!discard_passthrough_[static_cast<int>(free.kind)]) continue;
@@ -847,11 +873,16 @@ Task<int> Qcow2Node::apply_deferred_frees() noexcept {
 // ---- Metadata ordering
 
 Task<int> Qcow2Node::write_dirty(MetadataCache& cache) noexcept {
+  // An allocating write may change a table while it is being written (it needs no lock for
+  // that): write a copy, and let such a change mark the table dirty again.
+  std::vector<uint8_t> copy(cluster_size());
   for (const TablePtr& table : cache.dirty_tables()) {
-    if (int r = co_await file_write(table->offset, table->data.data(), cluster_size()); r < 0) {
+    std::memcpy(copy.data(), table->data.data(), cluster_size());
+    table->dirty = false;
+    if (int r = co_await file_write(table->offset, copy.data(), cluster_size()); r < 0) {
+      table->dirty = true;
       co_return r;
     }
-    table->dirty = false;
   }
   co_return 0;
 }
@@ -868,6 +899,9 @@ Task<int> Qcow2Node::write_l1() noexcept {
 
 Task<int> Qcow2Node::flush_metadata() noexcept {
   for (int round = 0; round < 2; ++round) {
+    // Only references dropped before this round's tables are copied are durable after it.
+    std::vector<DeferredFree> frees;
+    frees.swap(deferred_frees_);
     if (refblock_cache_.has_dirty()) {
       if (int r = co_await write_dirty(refblock_cache_); r < 0) co_return r;
       if (int r = co_await file_sync(); r < 0) co_return r;
@@ -880,10 +914,9 @@ Task<int> Qcow2Node::flush_metadata() noexcept {
       if (int r = co_await write_l1(); r < 0) co_return r;
       if (int r = co_await file_sync(); r < 0) co_return r;
     }
-    if (deferred_frees_.empty()) break;
-    // Every reference dropped so far is now durable: the decrements may follow (written by the
-    // second round).
-    if (int r = co_await apply_deferred_frees(); r < 0) co_return r;
+    if (frees.empty()) break;
+    // Those references are gone on disk: the decrements may follow (written by the second round).
+    if (int r = co_await apply_deferred_frees(std::move(frees)); r < 0) co_return r;
   }
   co_return 0;
 }
@@ -965,10 +998,82 @@ Task<int> Qcow2Node::writable_l2(uint64_t l1_index, TablePtr& out) noexcept {
   co_return 0;
 }
 
-Task<int64_t> Qcow2Node::write_cluster_slow(uint64_t offset, uint64_t length,
-                                            const uint8_t* data) noexcept {
-  const uint64_t guest_cluster = offset >> cluster_bits_;
-  const uint64_t in = offset_in_cluster(offset);
+bool Qcow2Node::reads_as_zero(uint64_t offset, uint64_t entry) const noexcept {
+  switch (classify_l2_entry(entry, header_.version)) {
+    case ClusterKind::kZeroPlain:
+    case ClusterKind::kZeroAllocated:
+      return true;
+    case ClusterKind::kUnallocated: {
+      const block::Node* base = backing();
+      return base == nullptr || offset >= static_cast<uint64_t>(base->size());
+    }
+    default:
+      return false;
+  }
+}
+
+Task<int> Qcow2Node::read_old(uint64_t offset, uint64_t entry, uint8_t* buffer,
+                              uint64_t length) noexcept {
+  switch (classify_l2_entry(entry, header_.version)) {
+    case ClusterKind::kNormal:
+      co_return co_await file_read((entry & kOffsetMask) + offset_in_cluster(offset), buffer, length);
+    case ClusterKind::kCompressed: {
+      std::vector<uint8_t> cluster(cluster_size());
+      if (int r = co_await read_compressed(entry, cluster.data()); r < 0) co_return r;
+      std::memcpy(buffer, cluster.data() + offset_in_cluster(offset), length);
+      co_return 0;
+    }
+    case ClusterKind::kZeroPlain:
+    case ClusterKind::kZeroAllocated:
+      std::memset(buffer, 0, length);
+      co_return 0;
+    case ClusterKind::kUnallocated:
+      break;
+  }
+  co_return co_await read_backing(offset, length, buffer);
+}
+
+Task<int> Qcow2Node::write_partial_cluster(uint64_t cluster_start, uint64_t entry,
+                                          uint64_t host, uint64_t offset, const uint8_t* data,
+                                          uint64_t length, bool fresh) noexcept {
+  const bool zero = reads_as_zero(cluster_start, entry);
+  if (fresh && zero) co_return co_await file_write(host + (offset - cluster_start), data, length);
+  // The old content around the data, and the data, in one write of the whole cluster.
+  std::unique_ptr<uint8_t[]> buffer;
+  if (spare_clusters_.empty()) {
+    buffer = std::make_unique_for_overwrite<uint8_t[]>(cluster_size());
+  } else {
+    buffer = std::move(spare_clusters_.back());
+    spare_clusters_.pop_back();
+  }
+  int r = 0;
+  if (zero) {
+    std::memset(buffer.get(), 0, cluster_size());
+  } else {
+    r = co_await read_old(cluster_start, entry, buffer.get(), cluster_size());
+  }
+  if (r == 0) {
+    std::memcpy(buffer.get() + (offset - cluster_start), data, length);
+    r = co_await file_write(host, buffer.get(), cluster_size());
+  }
+  if (spare_clusters_.size() < kSpareClusters) spare_clusters_.push_back(std::move(buffer));
+  co_return r;
+}
+
+Task<void> Qcow2Node::wait_not_allocating(uint64_t guest_cluster) noexcept {
+  while (allocating_.count(guest_cluster)) co_await allocation_done_.wait();
+}
+
+Task<void> Qcow2Node::drain_allocations() noexcept {
+  while (allocations_in_flight_ > 0) co_await allocation_done_.wait();
+}
+
+Task<int> Qcow2Node::write_slow(uint64_t& pos, uint64_t end, const uint8_t*& data) noexcept {
+  co_await lock_.lock();
+  ExclusiveGuard guard(lock_);
+  const uint64_t guest_cluster = pos >> cluster_bits_;
+  const uint64_t in = offset_in_cluster(pos);
+  co_await wait_not_allocating(guest_cluster);
   TablePtr l2;
   if (int r = co_await writable_l2(guest_cluster / l2_entries_, l2); r < 0) co_return r;
   const uint64_t index = guest_cluster % l2_entries_;
@@ -977,38 +1082,98 @@ Task<int64_t> Qcow2Node::write_cluster_slow(uint64_t offset, uint64_t length,
   const ClusterKind kind = classify_l2_entry(entry, header_.version);
   const uint64_t host = entry & kOffsetMask;
   const bool owned = (entry & kEntryCopied) && !overlaps_metadata(host);
-  if (kind == ClusterKind::kNormal && owned) {
-    co_return co_await file_write(host + in, data, length);
-  }
-  if (kind == ClusterKind::kZeroAllocated && owned) {
-    // A preallocated zero cluster: fill it and drop the zero flag.
-    std::memset(cow_buffer_.data(), 0, cluster_size());
-    std::memcpy(cow_buffer_.data() + in, data, length);
-    if (int r = co_await file_write(host, cow_buffer_.data(), cluster_size()); r < 0) co_return r;
-    l2->set_entry(index, host | kEntryCopied);
-    co_return 0;
-  }
-  const int64_t allocated = co_await allocate_clusters(1);
-  if (allocated < 0) co_return allocated;
-  const uint64_t target = static_cast<uint64_t>(allocated);
-  int r;
-  if (length == cluster_size()) {
-    r = co_await file_write(target, data, length);
-  } else {
-    // Copy-on-write: the rest of the cluster keeps what it read as before.
-    r = co_await read_cluster(guest_cluster, entry, cow_buffer_.data());
-    if (r == 0) {
-      std::memcpy(cow_buffer_.data() + in, data, length);
-      r = co_await file_write(target, cow_buffer_.data(), cluster_size());
+  if (owned && (kind == ClusterKind::kNormal || kind == ClusterKind::kZeroAllocated)) {
+    // In place (the shared path declined only because the L1 entry was not marked COPIED yet).
+    const uint64_t n = std::min(cluster_size() - in, end - pos);
+    if (kind == ClusterKind::kNormal) {
+      if (int r = co_await file_write(host + in, data, n); r < 0) co_return r;
+    } else {
+      // A preallocated zero cluster: fill it and drop the zero flag.
+      std::memset(cow_buffer_.data(), 0, cluster_size());
+      std::memcpy(cow_buffer_.data() + in, data, n);
+      if (int r = co_await file_write(host, cow_buffer_.data(), cluster_size()); r < 0) co_return r;
+      l2->set_entry(index, host | kEntryCopied);
     }
+    pos += n;
+    data += n;
+    co_return co_await trim_caches();
+  }
+
+  // New host clusters for a run of guest clusters of this L2 table that all need one, as far as
+  // the request goes: one contiguous data write.
+  const uint64_t last_cluster = (end - 1) >> cluster_bits_;
+  const uint64_t limit = std::min({l2_entries_ - index, last_cluster - guest_cluster + 1,
+                                   std::max<uint64_t>(file().max_transfer() >> cluster_bits_, 1)});
+  uint64_t count = 1;
+  while (count < limit) {
+    const uint64_t next = l2->entry(index + count);
+    if (!check_l2_entry(next, header_.version, cluster_bits_, host_end_).empty()) break;
+    const ClusterKind next_kind = classify_l2_entry(next, header_.version);
+    if ((next & kEntryCopied) &&
+        (next_kind == ClusterKind::kNormal || next_kind == ClusterKind::kZeroAllocated)) {
+      break;
+    }
+    if (allocating_.count(guest_cluster + count)) break;
+    ++count;
+  }
+  bool fresh = false;
+  const int64_t allocated = co_await allocate_clusters(count, &fresh);
+  if (allocated < 0) co_return static_cast<int>(allocated);
+  const uint64_t target = static_cast<uint64_t>(allocated);
+  for (uint64_t i = 0; i < count; ++i) allocating_.insert(guest_cluster + i);
+  ++allocations_in_flight_;
+  ++l2->pins;
+  guard.release();
+
+  // The data, and what the first and last clusters keep of their old content around it.
+  const uint64_t start = guest_cluster << cluster_bits_;
+  const uint64_t stop = (guest_cluster + count) << cluster_bits_;
+  const uint64_t data_end = std::min(end, stop);
+  uint64_t at = pos;
+  const uint8_t* from = data;
+  int r = 0;
+  if (in > 0 || data_end < start + cluster_size()) {
+    const uint64_t n = std::min(data_end, start + cluster_size()) - pos;
+    r = co_await write_partial_cluster(start, l2->entry(index), target, pos, from, n, fresh);
+    at += n;
+    from += n;
+  }
+  // Whole clusters straight from the caller's buffer, then a partial last one.
+  const uint64_t whole_end = data_end == stop ? stop : data_end & ~(cluster_size() - 1);
+  if (r == 0 && whole_end > at) {
+    r = co_await file_write(target + (at - start), from, whole_end - at);
+    from += whole_end - at;
+    at = whole_end;
+  }
+  if (r == 0 && at < data_end) {
+    r = co_await write_partial_cluster(at, l2->entry(index + count - 1), target + (at - start), at,
+                                       from, data_end - at, fresh);
+  }
+
+  // Switch the entries (no suspension from here on, so no lock is needed).
+  for (uint64_t i = 0; i < count; ++i) {
+    if (r == 0) {
+      const uint64_t old = l2->entry(index + i);
+      l2->set_entry(index + i, (target + (i << cluster_bits_)) | kEntryCopied);
+      defer_free_entry(old, DiscardKind::kOther);
+    }
+    allocating_.erase(guest_cluster + i);
   }
   if (r < 0) {
-    // Nothing references the new cluster yet: release it at once.
-    (void)co_await update_refcount(target, cluster_size(), -1);
-    co_return r;
+    // Nothing references the new clusters: their refcounts drop with the next metadata flush.
+    defer_free(target, count << cluster_bits_, DiscardKind::kOther);
   }
-  l2->set_entry(index, target | kEntryCopied);
-  defer_free_entry(entry, DiscardKind::kOther);
+  --l2->pins;
+  --allocations_in_flight_;
+  allocation_done_.notify_all();
+  if (r < 0) co_return r;
+  data += data_end - pos;
+  pos = data_end;
+  if (l2_cache_.over_capacity() || refblock_cache_.over_capacity()) {
+    co_await lock_.lock();
+    ExclusiveGuard trim_guard(lock_);
+    co_return co_await trim_caches();
+  }
   co_return 0;
 }
 
@@ -1020,39 +1185,36 @@ Task<int64_t> Qcow2Node::write(uint64_t offset, uint64_t length, const void* buf
   const auto* in = static_cast<const uint8_t*>(buffer);
   uint64_t pos = offset;
   const uint64_t end = offset + length;
-  // Fast path: clusters this image owns exclusively are written in place under the shared lock.
-  {
-    co_await lock_.lock_shared();
-    SharedGuard guard(lock_);
-    while (pos < end) {
-      const uint64_t n = std::min(cluster_size() - offset_in_cluster(pos), end - pos);
-      const uint64_t l1_entry = l1_[(pos >> cluster_bits_) / l2_entries_];
-      if (!(l1_entry & kEntryCopied)) break;
-      uint64_t entry;
-      if (int r = co_await lookup(pos >> cluster_bits_, entry); r < 0) co_return r;
-      if (classify_l2_entry(entry, header_.version) != ClusterKind::kNormal ||
-          !(entry & kEntryCopied) || overlaps_metadata(entry & kOffsetMask)) {
-        break;
+  while (pos < end) {
+    // Clusters this image owns exclusively are written in place under the shared lock.
+    {
+      if (!lock_.try_lock_shared()) co_await lock_.lock_shared();
+      SharedGuard guard(lock_);
+      while (pos < end) {
+        const uint64_t n = std::min(cluster_size() - offset_in_cluster(pos), end - pos);
+        const uint64_t l1_entry = l1_[(pos >> cluster_bits_) / l2_entries_];
+        if (!(l1_entry & kEntryCopied)) break;
+        uint64_t entry;
+        int found = lookup_cached(pos >> cluster_bits_, entry);
+        if (found == 0) found = co_await lookup(pos >> cluster_bits_, entry);
+        if (found < 0) co_return found;
+        if (classify_l2_entry(entry, header_.version) != ClusterKind::kNormal ||
+            !(entry & kEntryCopied) || overlaps_metadata(entry & kOffsetMask)) {
+          break;
+        }
+        const uint64_t host = (entry & kOffsetMask) + offset_in_cluster(pos);
+        const int64_t r = n <= file().max_transfer() ? co_await file().write(host, n, in, 0)
+                                                      : co_await file_write(host, in, n);
+        if (r < 0) co_return r;
+        pos += n;
+        in += n;
       }
-      if (int r = co_await file_write((entry & kOffsetMask) + offset_in_cluster(pos), in, n); r < 0) {
-        co_return r;
-      }
-      pos += n;
-      in += n;
+      l2_cache_.trim();
+      refblock_cache_.trim();
     }
-    l2_cache_.trim();
-    refblock_cache_.trim();
-  }
-  if (pos < end) {
-    co_await lock_.lock();
-    ExclusiveGuard guard(lock_);
-    while (pos < end) {
-      const uint64_t n = std::min(cluster_size() - offset_in_cluster(pos), end - pos);
-      if (int64_t r = co_await write_cluster_slow(pos, n, in); r < 0) co_return r;
-      pos += n;
-      in += n;
+    if (pos < end) {
+      if (int r = co_await write_slow(pos, end, in); r < 0) co_return r;
     }
-    if (int r = co_await trim_caches(); r < 0) co_return r;
   }
   if (flags & block::kRequestFua) {
     if (int64_t r = co_await flush(); r < 0) co_return r;
@@ -1069,6 +1231,7 @@ Task<int64_t> Qcow2Node::flush() noexcept {
 }
 
 Task<int> Qcow2Node::zero_cluster(uint64_t guest_cluster, bool unmap) noexcept {
+  co_await wait_not_allocating(guest_cluster);
   TablePtr l2;
   if (int r = co_await writable_l2(guest_cluster / l2_entries_, l2); r < 0) co_return r;
   const uint64_t index = guest_cluster % l2_entries_;
@@ -1121,6 +1284,7 @@ Task<int64_t> Qcow2Node::write_zeroes(uint64_t offset, uint64_t length, uint32_t
 }
 
 Task<int> Qcow2Node::discard_cluster(uint64_t guest_cluster) noexcept {
+  co_await wait_not_allocating(guest_cluster);
   uint64_t entry;
   if (int r = co_await lookup(guest_cluster, entry); r < 0) co_return r;
   const ClusterKind kind = classify_l2_entry(entry, header_.version);

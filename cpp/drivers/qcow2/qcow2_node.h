@@ -2,9 +2,16 @@
 //
 // Concurrency: all I/O of a node runs on its loop, as coroutines. Requests that only read the
 // mapping (reads, and writes into clusters the image already owns exclusively, COPIED) hold the
-// lock shared; anything that changes metadata (allocating writes, copy-on-write, discard,
-// write-zeroes, flush, snapshots) holds it exclusively for its whole duration, so allocations of
-// overlapping clusters are serialised and a reader never sees a half-made change.
+// lock shared; anything that changes metadata (discard, write-zeroes, flush, snapshots) holds it
+// exclusively for its whole duration, so a reader never sees a half-made change.
+//
+// Allocating writes (and copy-on-write) hold the lock exclusively only to plan: they allocate
+// host clusters (refcount 1, in the cache), mark the guest clusters as "allocating" and pin their
+// L2 table. The data then goes to the new clusters with no lock held, so many allocations proceed
+// at once; at the end the L2 entries are switched in one step that does not suspend, which needs
+// no lock either. Whoever else changes the entry of a guest cluster first waits until it is no
+// longer allocating (one allocation per guest cluster at a time); snapshot operations wait until
+// no allocation is in flight. A reader meanwhile sees the old mapping, which is still valid.
 //
 // Metadata ordering (every metadata write goes through flush_metadata()):
 //   1. dirty refcount blocks, then fsync: increments are durable first;
@@ -12,6 +19,11 @@
 //      only once what it points to and its refcount are on disk;
 //   3. deferred decrements (clusters whose last reference was dropped) are applied only now,
 //      after the tables that dropped the reference are durable.
+// Tables are written from a copy taken when their dirty flag is cleared, and only the decrements
+// deferred before a round's tables were copied are applied after it, so an allocating write that
+// finishes during a flush only leaves work for the next one. Allocations themselves cannot happen
+// during a flush (it holds the lock exclusively): every reference in a table written by a flush
+// points at a cluster whose increment the same flush wrote first.
 // A crash at any point therefore leaves refcounts >= references: at worst leaked clusters.
 #pragma once
 
@@ -32,6 +44,12 @@ namespace blockd::drivers::qcow2 {
 class AsyncRwLock {
  public:
   Task<void> lock_shared() noexcept;
+  // Takes the lock shared if that needs no waiting (the common case, without a coroutine).
+  bool try_lock_shared() noexcept {
+    if (writer_ || waiting_writers_ > 0) return false;
+    ++readers_;
+    return true;
+  }
   void unlock_shared() noexcept;
   Task<void> lock() noexcept;
   void unlock() noexcept;
@@ -49,6 +67,7 @@ struct Table {
   std::vector<uint8_t> data;
   bool dirty = false;
   uint64_t last_use = 0;
+  int pins = 0;  // allocations in flight that will change it: not evicted while > 0
 
   uint64_t entry(uint64_t index) const noexcept { return load_be64(&data[index * 8]); }
   void set_entry(uint64_t index, uint64_t value) noexcept {
@@ -128,6 +147,11 @@ class Qcow2Node final : public block::Node, public Qcow2Snapshots {
 
  private:
   friend class SnapshotOps;
+  struct DeferredFree {
+    uint64_t offset;
+    uint64_t length;
+    DiscardKind kind;
+  };
   block::Node& file() const noexcept { return *file_child()->node(); }
   uint64_t cluster_size() const noexcept { return uint64_t{1} << cluster_bits_; }
   uint64_t offset_in_cluster(uint64_t offset) const noexcept { return offset & (cluster_size() - 1); }
@@ -151,6 +175,9 @@ class Qcow2Node final : public block::Node, public Qcow2Snapshots {
   // The L2 entry of guest cluster `guest_cluster` (0 when its L2 table is unallocated); checks
   // the entries it passes through, returning -EIO for corrupt ones.
   Task<int> lookup(uint64_t guest_cluster, uint64_t& entry) noexcept;
+  // The same without suspending: 1 with `entry` set, 0 if the L2 table must be read first (then
+  // call lookup), or -EIO.
+  int lookup_cached(uint64_t guest_cluster, uint64_t& entry) noexcept;
   // The L2 table for guest L1 index `l1_index`, allocated or copied so it can be written.
   Task<int> writable_l2(uint64_t l1_index, TablePtr& out) noexcept;
   // Reads the guest-visible content of one cluster described by `entry` into `buffer`.
@@ -164,15 +191,16 @@ class Qcow2Node final : public block::Node, public Qcow2Snapshots {
   // Adds `delta` to the refcount of every cluster touched by [offset, offset + length).
   Task<int> update_refcount(uint64_t offset, uint64_t length, int64_t delta) noexcept;
   // Allocates `count` contiguous free clusters (refcount 1, in the cache); returns the host
-  // offset or a negative errno.
-  Task<int64_t> allocate_clusters(uint64_t count) noexcept;
+  // offset or a negative errno. *fresh (if given) says whether the clusters lie beyond anything
+  // the image file held or was written at since open, so that they read as zeroes.
+  Task<int64_t> allocate_clusters(uint64_t count, bool* fresh = nullptr) noexcept;
   Task<int> create_refblock(uint64_t table_index) noexcept;
   Task<int> grow_refcount_table(uint64_t needed_index) noexcept;
   // Drops one reference to the clusters an L2 entry (or a table) occupies, once the metadata that
   // referenced them is durable.
   void defer_free(uint64_t offset, uint64_t length, DiscardKind kind);
   void defer_free_entry(uint64_t entry, DiscardKind kind);
-  Task<int> apply_deferred_frees() noexcept;
+  Task<int> apply_deferred_frees(std::vector<DeferredFree> frees) noexcept;
 
   // ---- Ordering.
   Task<int> write_dirty(MetadataCache& cache) noexcept;
@@ -183,8 +211,27 @@ class Qcow2Node final : public block::Node, public Qcow2Snapshots {
   Task<int> trim_caches() noexcept;
   bool overlaps_metadata(uint64_t host_offset) const noexcept;
 
-  // ---- Write paths (exclusive lock held).
-  Task<int64_t> write_cluster_slow(uint64_t offset, uint64_t length, const uint8_t* data) noexcept;
+  // ---- Write paths.
+  // Writes from `pos` (whose cluster cannot be written in place under the shared lock) up to
+  // `end` at most, advancing pos and data over what it wrote: an in-place cluster, or one run of
+  // consecutive clusters of one L2 table that get new host clusters. Takes the lock itself.
+  Task<int> write_slow(uint64_t& pos, uint64_t end, const uint8_t*& data) noexcept;
+  // The guest content that [offset, offset + length) of one cluster showed under `entry`.
+  Task<int> read_old(uint64_t offset, uint64_t entry, uint8_t* buffer, uint64_t length) noexcept;
+  // Whether that content is zeroes without reading it.
+  bool reads_as_zero(uint64_t offset, uint64_t entry) const noexcept;
+  // Writes `length` bytes of `data` at guest `offset` inside the cluster starting at
+  // `cluster_start`, now under `entry`, into its new host cluster `host`, with the rest of the
+  // cluster keeping what it showed (skipped when it reads as zeroes and `fresh` says the new
+  // cluster reads as zeroes already).
+  Task<int> write_partial_cluster(uint64_t cluster_start, uint64_t entry, uint64_t host,
+                                  uint64_t offset, const uint8_t* data, uint64_t length,
+                                  bool fresh) noexcept;
+  // Waits (lock held exclusively) until no allocation of `guest_cluster`, or of any cluster, is
+  // in flight.
+  Task<void> wait_not_allocating(uint64_t guest_cluster) noexcept;
+  Task<void> drain_allocations() noexcept;
+  // Exclusive lock held:
   Task<int> zero_cluster(uint64_t guest_cluster, bool unmap) noexcept;
   Task<int> discard_cluster(uint64_t guest_cluster) noexcept;
 
@@ -208,13 +255,13 @@ class Qcow2Node final : public block::Node, public Qcow2Snapshots {
   MetadataCache refblock_cache_;
   std::unordered_set<uint64_t> active_l2_;  // host offsets of the active L2 tables
   std::unordered_set<uint64_t> refblocks_;  // host offsets of the refcount blocks
-  struct DeferredFree {
-    uint64_t offset;
-    uint64_t length;
-    DiscardKind kind;
-  };
   std::vector<DeferredFree> deferred_frees_;
   std::vector<uint8_t> cow_buffer_;  // one cluster, used under the exclusive lock
+  static constexpr size_t kSpareClusters = 32;
+  std::vector<std::unique_ptr<uint8_t[]>> spare_clusters_;  // cluster-sized copy-on-write buffers
+  std::unordered_set<uint64_t> allocating_;  // guest clusters with an allocation in flight
+  uint64_t allocations_in_flight_ = 0;
+  Event allocation_done_;
   AsyncRwLock lock_;
   block::Child* backing_ = nullptr;
   std::string read_only_reason_;

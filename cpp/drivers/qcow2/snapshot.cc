@@ -356,6 +356,7 @@ Task<int> Qcow2Node::create_snapshot(std::string name) noexcept {
   if (read_only()) co_return -EROFS;
   co_await lock_.lock();
   ExclusiveLock guard(lock_);
+  co_await drain_allocations();
   uint64_t next_id = 0;
   for (const SnapshotEntry& s : snapshots_) {
     if (s.name == name) co_return -EEXIST;
@@ -391,6 +392,7 @@ Task<int> Qcow2Node::delete_snapshot(size_t index) noexcept {
   if (read_only()) co_return -EROFS;
   co_await lock_.lock();
   ExclusiveLock guard(lock_);
+  co_await drain_allocations();
   if (index >= snapshots_.size()) co_return -ENOENT;
   if (int r = co_await flush_metadata(); r < 0) co_return r;
   SnapshotOps ops(*this);
@@ -409,6 +411,7 @@ Task<int> Qcow2Node::revert_snapshot(size_t index) noexcept {
   if (read_only()) co_return -EROFS;
   co_await lock_.lock();
   ExclusiveLock guard(lock_);
+  co_await drain_allocations();
   if (index >= snapshots_.size()) co_return -ENOENT;
   const SnapshotEntry& target = snapshots_[index];
   if (target.disk_size != header_.size || target.l1_size > l1_.size()) co_return -ENOTSUP;
