@@ -24,8 +24,10 @@ only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import json
 import os
 import re
@@ -153,11 +155,16 @@ def main() -> int:
     parser.add_argument("--workloads", help="comma-separated subset of workload keys")
     parser.add_argument("--blockd", default=None,
                         help="blockd-daemon command line (default: the venv's blockd-daemon)")
+    parser.add_argument("--baseline", default=None,
+                        help="another blockd-daemon command line (e.g. an older build) to run "
+                        "as a fourth server, 'blockd before'")
     parser.add_argument("--dir", default="/dev/shm", help="where the images go (default /dev/shm)")
     parser.add_argument("--output", default=str(bench.REPO / "bench/RESULTS.md"),
                         help="Markdown file whose qcow2 section is written (default "
                         "bench/RESULTS.md); '-' prints the section")
     parser.add_argument("--raw", help="also write every run as JSON to this path")
+    parser.add_argument("--lock", help="hold flock on this file during each repetition (and "
+                        "release it in between), so that benchmarks of others do not overlap")
     args = parser.parse_args()
     fio = shutil.which("fio")
     if not fio:
@@ -179,6 +186,8 @@ def main() -> int:
 
     blockd_q = qcow2_server("blockd", "blockd qcow2", blockd)
     qsd_q = qcow2_server("qsd", "qsd qcow2", ["qemu-storage-daemon"])
+    extra = ([qcow2_server("blockd-before", "blockd qcow2 (before)", shlex.split(args.baseline))]
+             if args.baseline else [])
     blockd_raw = bench.Server("blockd-raw", "blockd raw",
                               lambda img, sock: daemon_argv(blockd, str(raw_image), sock, "raw"),
                               "file + raw nodes on the raw image the qcow2 image was made from")
@@ -196,12 +205,13 @@ def main() -> int:
 
     phases = [
         Phase("allocated", "NBD workloads on a fully allocated image", ALLOCATED,
-              [blockd_q, qsd_q, blockd_raw], True, lambda server, workdir: str(allocated)),
+              [blockd_q, qsd_q, blockd_raw, *extra], True, lambda server, workdir: str(allocated)),
         Phase("first-write", "first-write allocation on an empty image", FIRST_WRITE,
-              [blockd_q, qsd_q], False, fresh_empty),
+              [blockd_q, qsd_q, *extra], False, fresh_empty),
         Phase("snapshot", "writes right after an internal snapshot (copy-on-write)",
-              AFTER_SNAPSHOT, [blockd_q, qsd_q], False, fresh_copy, take_snapshot),
+              AFTER_SNAPSHOT, [blockd_q, qsd_q, *extra], False, fresh_copy, take_snapshot),
     ]
+    qcow2_servers = [blockd_q, qsd_q, *extra]
     wanted = args.phases.split(",")
     phases = [p for p in phases if p.key in wanted]
     if args.workloads:
@@ -214,26 +224,29 @@ def main() -> int:
     qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw_image), str(allocated))
     runs: list[tuple[str, bench.Run]] = []
     check_failures: list[str] = []
+
+    def one_run(rep: int, phase: Phase, workload: bench.Workload, server: bench.Server,
+                workdir: Path) -> None:
+        image = phase.image(server, workdir)
+        run = bench.run_one(server, workload, rep, image, workdir,
+                            args.runtime if phase.timed else 120, fio,
+                            prepare=phase.prepare, timed=phase.timed)
+        runs.append((phase.key, run))
+        if server in qcow2_servers and (problem := check_image(image)):
+            check_failures.append(f"{phase.key} {workload.key} {server.key} rep {rep}: {problem}")
+        status = (f"{bench.fmt_count(run.iops)} IOPS, {bench.fmt_bw(run.bw_bytes)}, "
+                  f"{run.cpu_us_per_io:.1f} µs CPU/IO" if run.ok else "FAILED")
+        print(f"rep {rep} {phase.key} {workload.key} {server.key}: {status}"
+              + (f" ({run.error[:300]})" if run.error else ""), flush=True)
+
     try:
         with tempfile.TemporaryDirectory(prefix="blockd-qcow2-bench-", dir=args.dir) as tmp:
-            workdir = Path(tmp)
             for rep in range(1, args.reps + 1):
-                for phase in phases:
-                    for workload in phase.workloads:
-                        for server in phase.servers:
-                            image = phase.image(server, workdir)
-                            run = bench.run_one(server, workload, rep, image, workdir,
-                                                args.runtime if phase.timed else 120, fio,
-                                                prepare=phase.prepare, timed=phase.timed)
-                            runs.append((phase.key, run))
-                            if image.endswith(".qcow2") and (problem := check_image(image)):
-                                check_failures.append(f"{phase.key} {workload.key} {server.key} "
-                                                      f"rep {rep}: {problem}")
-                            status = (f"{bench.fmt_count(run.iops)} IOPS, "
-                                      f"{bench.fmt_bw(run.bw_bytes)}, "
-                                      f"{run.cpu_us_per_io:.1f} µs CPU/IO" if run.ok else "FAILED")
-                            print(f"rep {rep} {phase.key} {workload.key} {server.key}: {status}"
-                                  + (f" ({run.error[:300]})" if run.error else ""), flush=True)
+                with repetition_lock(args.lock):
+                    for phase in phases:
+                        for workload in phase.workloads:
+                            for server in phase.servers:
+                                one_run(rep, phase, workload, server, Path(tmp))
     except KeyboardInterrupt:
         print("bench: interrupted; writing the report for the runs so far", flush=True)
     finally:
@@ -243,7 +256,7 @@ def main() -> int:
     load_end = " ".join(f"{x:.2f}" for x in os.getloadavg())
     command = " ".join(shlex.quote(a) for a in ["python", "bench/qcow2.py", *sys.argv[1:]])
     text = report(runs, phases, args, command, started, finished, load_start, load_end, blockd,
-                  fio, check_failures)
+                  fio, check_failures, bool(extra))
     if args.output == "-":
         print(text)
     else:
@@ -253,6 +266,19 @@ def main() -> int:
         Path(args.raw).write_text(json.dumps(
             [dict(phase=phase, **dataclasses.asdict(r)) for phase, r in runs], indent=1))
     return 0 if all(r.ok for _, r in runs) and not check_failures else 1
+
+
+@contextlib.contextmanager
+def repetition_lock(path: str | None):
+    if not path:
+        yield
+        return
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def write_section(path: Path, section: str) -> None:
@@ -271,7 +297,7 @@ def write_section(path: Path, section: str) -> None:
 
 def report(runs: list[tuple[str, bench.Run]], phases: list[Phase], args, command: str,
            started: str, finished: str, load_start: str, load_end: str, blockd: list[str],
-           fio: str, check_failures: list[str]) -> str:
+           fio: str, check_failures: list[str], baseline: bool) -> str:
     out = [f"{SECTION} ({started} UTC)\n"]
     out.append(f"Written by `bench/qcow2.py`, {started} to {finished} UTC, {args.reps} "
                f"repetitions; time-based runs last {args.runtime} s. Command:\n")
@@ -310,15 +336,18 @@ def report(runs: list[tuple[str, bench.Run]], phases: list[Phase], args, command
         good = [r for r in by_key.get((phase, workload, server), []) if r.ok]
         return bench.median([getattr(r, attr) for r in good])
 
-    out.append("| workload | blockd qcow2 | qsd qcow2 | blockd raw | blockd / qsd | "
-               "blockd qcow2 / raw | CPU µs/IO blockd / qsd / raw | IOPS per rep blockd; qsd |")
-    out.append("|---|---:|---:|---:|---:|---:|---|---|")
+    shown = ("blockd", "qsd", "blockd-raw") + (("blockd-before",) if baseline else ())
+    before = " | blockd qcow2 before" if baseline else ""
+    out.append(f"| workload | blockd qcow2 | qsd qcow2 | blockd raw{before} | blockd / qsd | "
+               "blockd qcow2 / raw | CPU µs/IO " + " / ".join(shown) + " | IOPS per rep blockd; "
+               "qsd |")
+    out.append("|---|---:|---:|---:" + ("|---:" if baseline else "") + "|---:|---:|---|---|")
     verdicts = []
     for phase in phases:
         for workload in phase.workloads:
             cells = []
             values = {}
-            for server in ("blockd", "qsd", "blockd-raw"):
+            for server in shown:
                 iops = med(phase.key, workload.key, server, "iops")
                 bw = med(phase.key, workload.key, server, "bw_bytes")
                 values[server] = iops
@@ -329,7 +358,7 @@ def report(runs: list[tuple[str, bench.Run]], phases: list[Phase], args, command
                       if values["blockd-raw"] == values["blockd-raw"] else float("nan"))
             cpu = " / ".join(
                 "–" if (c := med(phase.key, workload.key, s, "cpu_us_per_io")) != c else f"{c:.1f}"
-                for s in ("blockd", "qsd", "blockd-raw"))
+                for s in shown)
             per_rep = "; ".join(
                 " / ".join(bench.fmt_count(r.iops) for r in by_key.get(
                     (phase.key, workload.key, s), []) if r.ok) for s in ("blockd", "qsd"))

@@ -41,6 +41,13 @@ void AsyncRwLock::unlock() noexcept {
 
 // ---- MetadataCache
 
+Table* MetadataCache::peek(uint64_t offset) noexcept {
+  auto it = entries_.find(offset);
+  if (it == entries_.end()) return nullptr;
+  it->second->last_use = ++clock_;
+  return it->second.get();
+}
+
 TablePtr MetadataCache::find(uint64_t offset) noexcept {
   auto it = entries_.find(offset);
   if (it == entries_.end()) return nullptr;
@@ -478,6 +485,14 @@ Task<int> Qcow2Node::load_table(MetadataCache& cache, uint64_t offset, TablePtr&
   co_return 0;
 }
 
+bool Qcow2Node::writable_in_place(uint64_t guest_cluster) noexcept {
+  if (!(l1_[guest_cluster / l2_entries_] & kEntryCopied)) return false;
+  uint64_t entry;
+  return lookup_cached(guest_cluster, entry) == 1 &&
+         classify_l2_entry(entry, header_.version) == ClusterKind::kNormal &&
+         (entry & kEntryCopied) && !overlaps_metadata(entry & kOffsetMask);
+}
+
 int Qcow2Node::lookup_cached(uint64_t guest_cluster, uint64_t& entry) noexcept {
   entry = 0;
   const uint64_t l1_index = guest_cluster / l2_entries_;
@@ -486,8 +501,8 @@ int Qcow2Node::lookup_cached(uint64_t guest_cluster, uint64_t& entry) noexcept {
   if (!check_l1_entry(l1_entry, cluster_bits_, host_end_).empty()) return -EIO;
   const uint64_t l2_offset = l1_entry & kOffsetMask;
   if (l2_offset == 0) return 1;
-  const TablePtr table = l2_cache_.find(l2_offset);
-  if (!table) return 0;
+  const Table* table = l2_cache_.peek(l2_offset);
+  if (table == nullptr) return 0;
   entry = table->entry(guest_cluster % l2_entries_);
   if (!check_l2_entry(entry, header_.version, cluster_bits_, host_end_).empty()) return -EIO;
   return 1;
@@ -1191,20 +1206,30 @@ Task<int64_t> Qcow2Node::write(uint64_t offset, uint64_t length, const void* buf
       if (!lock_.try_lock_shared()) co_await lock_.lock_shared();
       SharedGuard guard(lock_);
       while (pos < end) {
-        const uint64_t n = std::min(cluster_size() - offset_in_cluster(pos), end - pos);
-        const uint64_t l1_entry = l1_[(pos >> cluster_bits_) / l2_entries_];
-        if (!(l1_entry & kEntryCopied)) break;
+        uint64_t n = std::min(cluster_size() - offset_in_cluster(pos), end - pos);
         uint64_t entry;
-        int found = lookup_cached(pos >> cluster_bits_, entry);
-        if (found == 0) found = co_await lookup(pos >> cluster_bits_, entry);
-        if (found < 0) co_return found;
-        if (classify_l2_entry(entry, header_.version) != ClusterKind::kNormal ||
-            !(entry & kEntryCopied) || overlaps_metadata(entry & kOffsetMask)) {
-          break;
+        if (!writable_in_place(pos >> cluster_bits_)) {
+          // Maybe only because its L2 table is not cached.
+          if (!(l1_[(pos >> cluster_bits_) / l2_entries_] & kEntryCopied)) break;
+          if (int r = co_await lookup(pos >> cluster_bits_, entry); r < 0) co_return r;
+          if (!writable_in_place(pos >> cluster_bits_)) break;
         }
-        const uint64_t host = (entry & kOffsetMask) + offset_in_cluster(pos);
-        const int64_t r = n <= file().max_transfer() ? co_await file().write(host, n, in, 0)
-                                                      : co_await file_write(host, in, n);
+        (void)lookup_cached(pos >> cluster_bits_, entry);
+        const uint64_t base = entry & kOffsetMask;
+        const uint64_t host = base + offset_in_cluster(pos);
+        // Extend over the following clusters stored right after it (cached tables only).
+        const uint64_t max = file().max_transfer();
+        while (pos + n < end && n < max) {
+          const uint64_t next = (pos + n) >> cluster_bits_;
+          uint64_t next_entry;
+          if (!writable_in_place(next) || lookup_cached(next, next_entry) != 1 ||
+              (next_entry & kOffsetMask) != host + n) {
+            break;
+          }
+          n += std::min(cluster_size(), end - pos - n);
+        }
+        n = std::min(n, max);
+        const int64_t r = co_await file().write(host, n, in, 0);
         if (r < 0) co_return r;
         pos += n;
         in += n;

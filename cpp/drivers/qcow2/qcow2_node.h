@@ -86,6 +86,8 @@ class MetadataCache {
   void set_capacity(size_t capacity) noexcept { capacity_ = capacity < 2 ? 2 : capacity; }
   size_t capacity() const noexcept { return capacity_; }
   TablePtr find(uint64_t offset) noexcept;
+  // The same without taking a reference: valid only until the caller next suspends.
+  Table* peek(uint64_t offset) noexcept;
   void insert(const TablePtr& table);
   void erase(uint64_t offset) noexcept { entries_.erase(offset); }
   std::vector<TablePtr> dirty_tables() const;
@@ -178,6 +180,9 @@ class Qcow2Node final : public block::Node, public Qcow2Snapshots {
   // The same without suspending: 1 with `entry` set, 0 if the L2 table must be read first (then
   // call lookup), or -EIO.
   int lookup_cached(uint64_t guest_cluster, uint64_t& entry) noexcept;
+  // Whether guest_cluster can be written in place under the shared lock (its L2 table cached,
+  // the table and the cluster owned exclusively: COPIED).
+  bool writable_in_place(uint64_t guest_cluster) noexcept;
   // The L2 table for guest L1 index `l1_index`, allocated or copied so it can be written.
   Task<int> writable_l2(uint64_t l1_index, TablePtr& out) noexcept;
   // Reads the guest-visible content of one cluster described by `entry` into `buffer`.
