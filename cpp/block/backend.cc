@@ -1,6 +1,7 @@
 #include "block/backend.h"
 
 #include <cerrno>
+#include <utility>
 
 namespace blockd::block {
 
@@ -90,6 +91,41 @@ Task<int64_t> BlockBackend::truncate(uint64_t size) noexcept {
   if (!(permissions() & kPermResize)) co_return -EPERM;
   InFlight guard(*this);
   co_return co_await root_->truncate(size);
+}
+
+BlockBackend::MappedRange::MappedRange(BlockBackend* backend, FileRange range) noexcept
+    : backend_(backend), range_(range) {
+  ++backend_->in_flight_;
+}
+BlockBackend::MappedRange::MappedRange(MappedRange&& other) noexcept
+    : backend_(std::exchange(other.backend_, nullptr)), range_(other.range_) {}
+BlockBackend::MappedRange& BlockBackend::MappedRange::operator=(MappedRange&& other) noexcept {
+  if (this != &other) {
+    release();
+    backend_ = std::exchange(other.backend_, nullptr);
+    range_ = other.range_;
+  }
+  return *this;
+}
+BlockBackend::MappedRange::~MappedRange() { release(); }
+
+void BlockBackend::MappedRange::release() noexcept {
+  if (backend_ == nullptr) return;
+  BlockBackend& backend = *std::exchange(backend_, nullptr);
+  if (--backend.in_flight_ == 0 && backend.idle_.has_waiters()) backend.idle_.notify_all();
+}
+
+BlockBackend::MappedRange BlockBackend::map_read(uint64_t offset, uint64_t length) noexcept {
+  if (check_range(offset, length) != 0) return {};
+  const FileRange range = root_->map_file(offset, length);
+  if (range.fd < 0) return {};
+  return MappedRange(this, range);
+}
+
+BlockBackend::MappedRange BlockBackend::map_write(uint64_t offset, uint64_t length,
+                                                  uint32_t flags) noexcept {
+  if (!(permissions() & kPermWrite) || writethrough_ || (flags & kRequestFua)) return {};
+  return map_read(offset, length);
 }
 
 Task<void> BlockBackend::drain() noexcept {

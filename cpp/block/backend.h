@@ -47,6 +47,34 @@ class BlockBackend final : public User {
   // Resizes the node; -EPERM unless this backend holds the resize permission.
   Task<int64_t> truncate(uint64_t size) noexcept;
 
+  // A range of the node that the kernel reads or writes straight in a host file (see
+  // Node::map_file), e.g. with sendfile or splice between the file and a socket. While it exists
+  // it counts as a request in flight, so drain() waits for it and the node, with its descriptor,
+  // stays attached. Move-only; loop thread of the node.
+  class MappedRange {
+   public:
+    MappedRange() = default;
+    MappedRange(MappedRange&& other) noexcept;
+    MappedRange& operator=(MappedRange&& other) noexcept;
+    ~MappedRange();
+    explicit operator bool() const noexcept { return backend_ != nullptr; }
+    int fd() const noexcept { return range_.fd; }
+    uint64_t file_offset() const noexcept { return range_.offset; }
+
+   private:
+    friend class BlockBackend;
+    MappedRange(BlockBackend* backend, FileRange range) noexcept;
+    void release() noexcept;
+    BlockBackend* backend_ = nullptr;
+    FileRange range_;
+  };
+  // Maps a read of [offset, offset + length) onto a host file; an empty MappedRange when the range
+  // is not in one (the caller reads through read() instead) or is out of bounds.
+  MappedRange map_read(uint64_t offset, uint64_t length) noexcept;
+  // The same for a write with request `flags`. Empty also when this backend lacks the write
+  // permission and when the write needs more than the bytes in the file: FUA, writethrough.
+  MappedRange map_write(uint64_t offset, uint64_t length, uint32_t flags) noexcept;
+
   // Number of requests currently in flight through this backend.
   uint64_t in_flight() const noexcept { return in_flight_; }
   // Completes once no request is in flight (immediately if none is).

@@ -112,6 +112,8 @@ Task<BlockStatus> Node::block_status(uint64_t offset, uint64_t length) noexcept 
 
 Task<int64_t> Node::cache(uint64_t, uint64_t) noexcept { co_return 0; }
 
+FileRange Node::map_file(uint64_t, uint64_t) const noexcept { return {}; }
+
 // ---- Permissions.
 //
 // A change is checked as a whole before anything is committed (QEMU's two-phase permission

@@ -58,6 +58,12 @@ struct BlockStatus {
   uint32_t flags = 0;  // StatusFlag bits valid for the whole run
 };
 
+// Where a node's bytes lie unchanged in a host file (Node::map_file); fd -1 when they do not.
+struct FileRange {
+  int fd = -1;
+  uint64_t offset = 0;
+};
+
 class Node;
 
 // A use of a node: a parent node's Child edge or a BlockBackend. Holds permissions on the node.
@@ -157,6 +163,17 @@ class Node {
   virtual Task<BlockStatus> block_status(uint64_t offset, uint64_t length) noexcept;
   // Prefetches a range into caches (NBD_CMD_CACHE). Default: a read that discards the data.
   virtual Task<int64_t> cache(uint64_t offset, uint64_t length) noexcept;
+  // Where the `length` bytes at `offset` lie unchanged in a host file that can be read and written
+  // without waiting for a device (a file in memory), so that a caller may have the kernel move
+  // them between the file and a socket (sendfile, splice) instead of copying them through a
+  // buffer; reading or writing them there is what read() and write() would do. fd -1 when there
+  // is no such file:
+  // drivers that transform or filter data (the default), O_DIRECT, files on disks (the transfer
+  // would block the loop), ranges beyond a child's end. Bytes past the end of the host file read
+  // as zeroes: a caller that gets fewer bytes than asked supplies zeroes for the rest. The
+  // descriptor belongs to the node and stays open while the node is attached, so the caller keeps
+  // its use busy (BlockBackend::MappedRange) until the transfer is over. Node's loop thread.
+  virtual FileRange map_file(uint64_t offset, uint64_t length) const noexcept;
   // Changes the node's size to `size` bytes (the driver may round it up, as QEMU keeps sizes in
   // 512-byte sectors); new space reads as zeroes. The caller must hold the resize permission.
   // Default: -ENOTSUP (the driver cannot change its size).

@@ -55,6 +55,13 @@ class RawNode final : public block::Node {
     co_return co_await file().read(offset_ + offset, readable, buffer, flags);
   }
 
+  // Raw passes bytes through unchanged: a range that lies wholly within the child maps to where
+  // the child has it.
+  block::FileRange map_file(uint64_t offset, uint64_t length) const noexcept override {
+    if (!in_bounds(offset, length) || readable_length(offset, length) < length) return {};
+    return file().map_file(offset_ + offset, length);
+  }
+
   Task<int64_t> write(uint64_t offset, uint64_t length, const void* buffer,
                       uint32_t flags) noexcept override {
     if (!in_bounds(offset, length)) co_return -EINVAL;

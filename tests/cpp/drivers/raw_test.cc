@@ -3,7 +3,9 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <linux/magic.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 
 #include <numeric>
@@ -214,6 +216,82 @@ TEST_F(RawTest, BackendWriteOnRawTakesWriteOnFile) {
   EXPECT_EQ(pread_file(0, 4096), data);
   backend.detach();
   EXPECT_EQ(file->users()[0]->permissions(), 0u);
+}
+
+// Reads that the NBD export may hand to the kernel (sendfile): only plain bytes of a file in
+// memory, seen through raw windows; everything else stays on the buffered path.
+TEST_F(RawTest, MapsReadsOntoFilesInMemoryOnly) {
+  struct statfs fs {};
+  if (statfs("/dev/shm", &fs) != 0 || static_cast<unsigned long>(fs.f_type) != TMPFS_MAGIC) {
+    GTEST_SKIP() << "/dev/shm is not a tmpfs here";
+  }
+  testing::TempDir shm("/dev/shm");
+  const std::string in_memory = shm.file("img");
+  {
+    int fd = open(in_memory.c_str(), O_CREAT | O_RDWR, 0644);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(pwrite(fd, image_.data(), image_.size(), 0), static_cast<ssize_t>(image_.size()));
+    close(fd);
+  }
+  auto file = file_node(in_memory);
+  const block::FileRange whole = file->map_file(12345, 65536);
+  ASSERT_GE(whole.fd, 0);
+  EXPECT_EQ(whole.offset, 12345u);
+
+  // A raw window shifts the range and refuses what leaves it.
+  auto window = raw({.offset = 4096, .size = 65536}, file);
+  ASSERT_TRUE(window.has_value());
+  EXPECT_EQ((*window)->map_file(512, 4096).fd, whole.fd);
+  EXPECT_EQ((*window)->map_file(512, 4096).offset, 4096u + 512);
+  EXPECT_EQ((*window)->map_file(65536 - 512, 1024).fd, -1);
+  // An unaligned offset rounds the node up past the file's end: that tail is not in the file.
+  auto unaligned = raw({.offset = 100}, file);
+  ASSERT_TRUE(unaligned.has_value());
+  EXPECT_EQ((*unaligned)->map_file(0, (1 << 20) - 100).offset, 100u);
+  EXPECT_EQ((*unaligned)->map_file(0, 1 << 20).fd, -1);
+
+  // Files on disks (a transfer could wait for the device), worker threads, forced alignment.
+  EXPECT_EQ(file_node()->map_file(0, 4096).fd, -1);
+  FileOptions threads{.filename = in_memory, .aio = FileOptions::Aio::kThreads, .locking = FileOptions::Locking::kOff};
+  auto threaded = open_file_node(block::NodeOptions{.node_name = "t"}, threads, *loop_);
+  ASSERT_TRUE(threaded.has_value());
+  EXPECT_EQ((*threaded)->map_file(0, 4096).fd, -1);
+  FileOptions aligned{.filename = in_memory, .locking = FileOptions::Locking::kOff, .TEST_request_alignment = 4096};
+  auto forced = open_file_node(block::NodeOptions{.node_name = "a"}, aligned, *loop_);
+  ASSERT_TRUE(forced.has_value());
+  EXPECT_EQ((*forced)->map_file(0, 4096).fd, -1);
+
+  // Through a backend: bounds are checked, and a mapped read counts as in flight until released.
+  block::BlockBackend backend("block export 'exp0'");
+  ASSERT_TRUE(backend.attach(*window, block::kPermConsistentRead, block::kPermAll));
+  EXPECT_FALSE(backend.map_read(65536 - 512, 1024));
+  auto mapped = backend.map_read(0, 65536);
+  ASSERT_TRUE(mapped);
+  EXPECT_EQ(mapped.fd(), whole.fd);
+  EXPECT_EQ(mapped.file_offset(), 4096u);
+  EXPECT_EQ(backend.in_flight(), 1u);
+  auto moved = std::move(mapped);
+  EXPECT_EQ(backend.in_flight(), 1u);
+  bool drained = false;
+  auto drain = [](block::BlockBackend& b, bool& done) -> Task<void> {
+    co_await b.drain();
+    done = true;
+  };
+  loop_->spawn(drain(backend, drained));
+  EXPECT_FALSE(drained);
+  moved = {};
+  loop_->run_until([&] { return drained; });
+  EXPECT_EQ(backend.in_flight(), 0u);
+  // Writes need the write permission, and no FUA or writethrough (the file alone cannot do them).
+  EXPECT_FALSE(backend.map_write(0, 4096, 0));
+  ASSERT_TRUE((*window)->update_permissions(backend, block::kPermConsistentRead | block::kPermWrite,
+                                            block::kPermAll));
+  EXPECT_EQ(backend.map_write(512, 4096, 0).file_offset(), 4096u + 512);
+  EXPECT_FALSE(backend.map_write(512, 4096, block::kRequestFua));
+  backend.set_writethrough(true);
+  EXPECT_FALSE(backend.map_write(512, 4096, 0));
+  EXPECT_EQ(backend.in_flight(), 0u);
+  backend.detach();
 }
 
 }  // namespace
