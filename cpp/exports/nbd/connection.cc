@@ -13,10 +13,19 @@
 // simple replies otherwise; DF), WRITE (FUA), FLUSH, TRIM, WRITE_ZEROES (NO_HOLE, FAST_ZERO),
 // CACHE, BLOCK_STATUS (base:allocation, REQ_ONE) and DISC. Requests run concurrently and are
 // answered as they complete.
+//
+// Files in memory (Node::map_file): the data of a large read that is one data run goes from the
+// file to the socket with sendfile after its reply header, and a large write payload goes from
+// the socket into the file through a pipe (splice), so the loop thread copies no byte of it (the
+// kernel copies a write once). Once a read's header is on the wire, a failed transfer can only
+// end the connection, as proto.md requires of a reply that cannot be completed.
 #include "exports/nbd/connection.h"
 
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -81,6 +90,8 @@ Connection::Connection(Server& server, int fd) : server_(server), loop_(&server.
 
 Connection::~Connection() {
   if (fd_ >= 0) ::close(fd_);
+  if (pipe_read_ >= 0) ::close(pipe_read_);
+  if (pipe_write_ >= 0) ::close(pipe_write_);
 }
 
 void Connection::disconnect() noexcept {
@@ -181,6 +192,113 @@ Task<bool> Connection::send_all(iovec* iov, int count) {
 Task<bool> Connection::send_bytes(const void* data, size_t length) {
   iovec iov{const_cast<void*>(data), length};
   co_return co_await send_all(&iov, 1);
+}
+
+Task<bool> Connection::send_file(const PendingReply& reply) {
+  auto position = static_cast<off_t>(reply.file_offset);
+  uint64_t left = reply.file_length;
+  while (left > 0) {
+    const ssize_t sent =
+        ::sendfile(fd_, reply.file_fd, &position, std::min<uint64_t>(left, kMaxPayload));
+    if (sent > 0) {
+      left -= static_cast<uint64_t>(sent);
+      continue;
+    }
+    if (sent == 0) break;  // the end of the file
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN) co_return false;
+    // The socket buffer is full: wait until the client makes room (an error shows in the retry).
+    const int ready = co_await loop_->poll(fd_, POLLOUT);
+    if (ready < 0 && ready != -EINTR) co_return false;
+  }
+  // The file is shorter than the node (its size is rounded up to a sector, or the file shrank
+  // under us): as in a read, the rest is zeroes.
+  static const uint8_t zeroes[64u << 10] = {};
+  while (left > 0) {
+    const size_t chunk = static_cast<size_t>(std::min<uint64_t>(left, sizeof zeroes));
+    if (!co_await send_bytes(zeroes, chunk)) co_return false;
+    left -= chunk;
+  }
+  co_return true;
+}
+
+bool Connection::ensure_pipe() noexcept {
+  if (pipe_read_ >= 0) return true;
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) return false;
+  pipe_read_ = fds[0];
+  pipe_write_ = fds[1];
+  // Room for a whole 1 MiB payload where the limit for unprivileged users allows it.
+  (void)::fcntl(pipe_write_, F_SETPIPE_SZ, 1 << 20);
+  const int size = ::fcntl(pipe_write_, F_GETPIPE_SZ);
+  pipe_size_ = size > 0 ? static_cast<size_t>(size) : 65536;
+  return true;
+}
+
+Task<bool> Connection::receive_into_file(int file_fd, uint64_t file_offset, uint64_t length,
+                                         int& file_error) {
+  file_error = 0;
+  auto position = static_cast<off64_t>(file_offset);
+  // The start of the payload may have come in with the request header.
+  const size_t buffered =
+      static_cast<size_t>(std::min<uint64_t>(receive_end_ - receive_start_, length));
+  size_t done = 0;
+  while (done < buffered && file_error == 0) {
+    const ssize_t wrote = ::pwrite(file_fd, receive_buffer_.get() + receive_start_ + done,
+                                   buffered - done, position + static_cast<off64_t>(done));
+    if (wrote > 0) {
+      done += static_cast<size_t>(wrote);
+    } else if (wrote == 0) {
+      file_error = -ENOSPC;
+    } else if (errno != EINTR) {
+      file_error = -errno;
+    }
+  }
+  receive_start_ += buffered;
+  position += static_cast<off64_t>(buffered);
+  uint64_t left = length - buffered;
+  if (left == 0) co_return true;
+  receive_start_ = receive_end_ = 0;
+  while (left > 0) {
+    const ssize_t got = ::splice(fd_, nullptr, pipe_write_, nullptr,
+                                 static_cast<size_t>(std::min<uint64_t>(left, pipe_size_)),
+                                 SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    if (got == 0) co_return false;  // the client is gone
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      // The pipe is empty here, so EAGAIN means the socket has nothing yet.
+      if (errno != EAGAIN) co_return false;
+      reader_idle();
+      const int ready = co_await loop_->poll(fd_, POLLIN);
+      if (ready < 0 && ready != -EINTR) co_return false;
+      reader_busy_ = true;
+      continue;
+    }
+    left -= static_cast<uint64_t>(got);
+    // Empty the pipe into the file; after a file error, into the receive buffer, to be dropped.
+    auto in_pipe = static_cast<size_t>(got);
+    while (in_pipe > 0) {
+      ssize_t moved;
+      if (file_error == 0) {
+        moved = ::splice(pipe_read_, nullptr, file_fd, &position, in_pipe, SPLICE_F_MOVE);
+        if (moved == 0) {
+          moved = -1;
+          errno = ENOSPC;
+        }
+      } else {
+        if (!receive_buffer_) receive_buffer_.reset(new uint8_t[kReceiveBufferSize]);
+        moved = ::read(pipe_read_, receive_buffer_.get(), std::min(in_pipe, kReceiveBufferSize));
+      }
+      if (moved < 0) {
+        if (errno == EINTR) continue;
+        if (file_error != 0) co_return false;  // the pipe itself failed
+        file_error = -errno;
+        continue;
+      }
+      in_pipe -= static_cast<size_t>(moved);
+    }
+  }
+  co_return true;
 }
 
 // ---- Handshake.
@@ -492,6 +610,12 @@ void Connection::SendAwaiter::await_suspend(std::coroutine_handle<> handle) noex
   }
 }
 
+void Connection::mark_broken() noexcept {
+  broken_ = true;
+  closing_ = true;
+  ::shutdown(fd_, SHUT_RDWR);  // the reader stops at its next receive
+}
+
 void Connection::reader_idle() noexcept {
   reader_busy_ = false;
   if (queue_head_ != nullptr && queue_changed_.has_waiters()) queue_changed_.notify_all();
@@ -514,10 +638,22 @@ Task<void> Connection::writer() {
       iov.insert(iov.end(), reply->iov, reply->iov + reply->count);
       batch.push_back(reply);
     }
-    if (!broken_ && !co_await send_all(iov.data(), static_cast<int>(iov.size()))) {
-      broken_ = true;
-      closing_ = true;
-      ::shutdown(fd_, SHUT_RDWR);  // the reader stops at its next receive
+    // Replies go out in order; one that ends with a file range is sent up to its iovecs, then
+    // the kernel moves the range.
+    size_t sent_until = 0;
+    size_t position = 0;
+    for (PendingReply* reply : batch) {
+      position += static_cast<size_t>(reply->count);
+      if (reply->file_fd < 0 || broken_) continue;
+      if (!co_await send_all(iov.data() + sent_until, static_cast<int>(position - sent_until)) ||
+          !co_await send_file(*reply)) {
+        mark_broken();
+      }
+      sent_until = position;
+    }
+    if (!broken_ && sent_until < iov.size() &&
+        !co_await send_all(iov.data() + sent_until, static_cast<int>(iov.size() - sent_until))) {
+      mark_broken();
     }
     std::vector<std::coroutine_handle<>> ready;
     ready.reserve(batch.size());
@@ -549,12 +685,21 @@ uint32_t status_to_nbd_flags(uint32_t status) {
 // one data chunk (the query would cost more than the zeroes it saves).
 constexpr uint32_t kSparseReadThreshold = 64u << 10;
 constexpr int kMaxReadChunks = 8;
+// Reads from which the kernel moves data from a file in memory straight to the socket (see
+// Node::map_file): a copy saved per byte, at the price of a second system call per reply, which
+// pays from some tens of KiB.
+constexpr uint32_t kMappedReadThreshold = 32u << 10;
+// Write payloads that go straight into a file in memory: from the receive buffer when they came
+// with the request header, else spliced from the socket through a pipe (one copy instead of two,
+// for a few more system calls).
+constexpr uint64_t kMappedWriteThreshold = 32u << 10;
+constexpr int kUnixSendBufferSize = 4 << 20;
 constexpr int kMaxExtents = 256;
 
 }  // namespace
 
 Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request request,
-                                      uint32_t error, Buffer buffer) {
+                                      uint32_t error, Buffer buffer, bool written) {
   Connection& c = *self;
   block::BlockBackend& backend = c.export_->backend();
   PendingReply reply;
@@ -565,9 +710,22 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
   const bool structured = mode != ReplyMode::kSimple;
   const uint64_t buffer_bytes = buffer.capacity();
 
+  // Holds the node busy while the writer sends a read straight from its file.
+  block::BlockBackend::MappedRange mapped;
+  auto map_read = [&](uint64_t offset, uint32_t length) {
+    if (length < kMappedReadThreshold) return false;
+    mapped = backend.map_read(offset, length);
+    if (!mapped) return false;
+    reply.file_fd = mapped.fd();
+    reply.file_offset = mapped.file_offset();
+    reply.file_length = length;
+    return true;
+  };
+
   auto fail = [&](uint32_t nbd_error) {
     reply.count = 0;
     reply.bytes = 0;
+    reply.file_fd = -1;
     // Extended headers allow no simple reply; with structured replies, reads and block status
     // must fail in a chunk (the client may expect one).
     if (mode == ReplyMode::kExtended ||
@@ -608,6 +766,11 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
         const uint64_t offset = request.offset;
         const auto length = static_cast<uint32_t>(request.length);  // validated: <= kMaxPayload
         if (!structured) {
+          if (map_read(offset, length)) {
+            simple_reply(scratch, 0, request.cookie);
+            reply.add(scratch, kSimpleReplySize);
+            break;
+          }
           const int64_t ret = length ? co_await backend.read(offset, length, buffer.data(), 0) : 0;
           if (ret < 0) {
             fail(errno_to_nbd(static_cast<int>(ret)));
@@ -680,6 +843,13 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
           }
         }
         if (run_count == 0) runs[run_count++] = {offset, length, false};
+        if (run_count == 1 && !runs[0].zero && map_read(offset, length)) {
+          const size_t size = encode_chunk_header(scratch, mode, kReplyFlagDone,
+                                                  kReplyTypeOffsetData, request, 8 + uint64_t{length});
+          store64(scratch + size, offset);
+          reply.add(scratch, size + 8);
+          break;
+        }
         int64_t ret = 0;
         for (int i = 0; i < run_count && ret >= 0; ++i) {
           if (runs[i].zero) continue;
@@ -712,6 +882,10 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
         break;
       }
       case kCmdWrite: {
+        if (written) {
+          ok();
+          break;
+        }
         const uint32_t flags = (request.flags & kCmdFlagFua) ? uint32_t{block::kRequestFua} : 0u;
         const int64_t ret = request.length ? co_await backend.write(request.offset, request.length,
                                                                     buffer.data(), flags)
@@ -817,6 +991,15 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
 }
 
 Task<void> Connection::transmission() {
+  // A unix socket's send buffer bounds how much of a reply one sendmsg or sendfile queues (the
+  // default, about 200 KiB, takes several rounds per 1 MiB read). Ask for more; the kernel caps
+  // it at net.core.wmem_max. TCP sockets keep the kernel's autotuning.
+  int domain = 0;
+  socklen_t domain_size = sizeof domain;
+  if (::getsockopt(fd_, SOL_SOCKET, SO_DOMAIN, &domain, &domain_size) == 0 && domain == AF_UNIX) {
+    const int size = kUnixSendBufferSize;
+    (void)::setsockopt(fd_, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
+  }
   loop_->spawn(writer());
   const bool extended = reply_mode_ == ReplyMode::kExtended;
   const RequestContext base{static_cast<uint64_t>(export_->backend().size()), export_->writable(),
@@ -867,9 +1050,24 @@ Task<void> Connection::transmission() {
     context.export_size = static_cast<uint64_t>(export_->backend().size());
     if (error == 0) error = validate_request(*request, context);
     Buffer buffer;
+    bool written = false;
     if (request->type == kCmdWrite) {
+      block::BlockBackend::MappedRange mapped;
+      if (error == 0 && payload_length >= kMappedWriteThreshold && ensure_pipe()) {
+        mapped = export_->backend().map_write(
+            request->offset, payload_length,
+            (request->flags & kCmdFlagFua) ? uint32_t{block::kRequestFua} : 0u);
+      }
       if (error != 0) {
         if (!co_await discard(payload_length)) break;
+      } else if (mapped) {
+        int file_error = 0;
+        if (!co_await receive_into_file(mapped.fd(), mapped.file_offset(), payload_length,
+                                        file_error)) {
+          break;
+        }
+        written = true;
+        if (file_error != 0) error = errno_to_nbd(file_error);
       } else if (payload_length > 0) {
         buffer = pool_.get(payload_length);
         if (!buffer) {
@@ -883,12 +1081,13 @@ Task<void> Connection::transmission() {
     }
     uint32_t final_error = error;
     if (error == 0 && request->length > 0 &&
-        (request->type == kCmdRead || request->type == kCmdWrite) && !buffer) {
+        (request->type == kCmdRead || request->type == kCmdWrite) && !buffer && !written) {
       final_error = kEnomem;
     }
     ++in_flight_;
     buffered_bytes_ += buffer.capacity();
-    loop_->spawn(handle_request(shared_from_this(), *request, final_error, std::move(buffer)));
+    loop_->spawn(
+        handle_request(shared_from_this(), *request, final_error, std::move(buffer), written));
   }
   closing_ = true;
   reader_idle();

@@ -81,6 +81,11 @@ class Connection : public std::enable_shared_from_this<Connection> {
     bool sent = false;
     std::coroutine_handle<> waiter;
     PendingReply* next = nullptr;
+    // Bytes the kernel moves from a host file to the socket after the iovecs (a read mapped onto
+    // a file: no copy through a buffer); none when file_fd is -1.
+    int file_fd = -1;
+    uint64_t file_offset = 0;
+    uint64_t file_length = 0;
     void add(const void* base, size_t length) {
       iov[count].iov_base = const_cast<void*>(base);
       iov[count].iov_len = length;
@@ -103,6 +108,17 @@ class Connection : public std::enable_shared_from_this<Connection> {
   Task<bool> discard(uint64_t length);
   Task<bool> send_all(iovec* iov, int count);
   Task<bool> send_bytes(const void* data, size_t length);
+  // Receives a write payload of `length` bytes straight into a host file at `file_offset` (what
+  // the receive buffer already holds is written from there, the rest is spliced from the socket
+  // through a pipe). False when the client is gone; `file_error` is set (a negative errno) when
+  // the file failed, in which case the rest of the payload is consumed and dropped.
+  // Creates the pipe receive_into_file uses, once; false when the process has no descriptors left.
+  bool ensure_pipe() noexcept;
+  Task<bool> receive_into_file(int file_fd, uint64_t file_offset, uint64_t length,
+                               int& file_error);
+  // Sends the file range of `reply` with sendfile, zeroes for what lies past the file's end.
+  // False when the socket or the file failed.
+  Task<bool> send_file(const PendingReply& reply);
 
   // Handshake.
   Task<bool> handshake();
@@ -114,8 +130,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
   // Transmission.
   Task<void> transmission();
+  // `written`: a write whose payload the reader already put in place (receive_into_file).
   static Task<void> handle_request(std::shared_ptr<Connection> self, Request request,
-                                   uint32_t error, Buffer buffer);
+                                   uint32_t error, Buffer buffer, bool written);
   Task<void> writer();
   SendAwaiter send(PendingReply& reply) { return SendAwaiter{this, &reply}; }
 
@@ -128,6 +145,10 @@ class Connection : public std::enable_shared_from_this<Connection> {
   std::unique_ptr<uint8_t[]> receive_buffer_;
   size_t receive_start_ = 0;  // unread bytes are [receive_start_, receive_end_)
   size_t receive_end_ = 0;
+  // The pipe that write payloads pass through from the socket to a file, once one did; -1 before.
+  int pipe_read_ = -1;
+  int pipe_write_ = -1;
+  size_t pipe_size_ = 0;
 
   // Handshake state.
   bool fixed_newstyle_ = false;
@@ -160,6 +181,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // wait for it to go idle, so that they leave together in one sendmsg.
   bool reader_busy_ = false;
   void reader_idle() noexcept;
+  // A send failed (or a file transfer after its header): no further reply can be delivered.
+  void mark_broken() noexcept;
 };
 
 }  // namespace blockd::exports::nbd
