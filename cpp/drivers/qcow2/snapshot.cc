@@ -203,6 +203,9 @@ Task<int> SnapshotOps::commit(std::vector<uint64_t> active, std::vector<Snapshot
   // 1. Active L2 tables: COPIED follows the final data refcounts; a table whose flags change is
   //    copied (its old cluster loses the active L1's reference, the data keeps its count).
   for (uint64_t& l1_entry : active) {
+    // The active L1 was read at open without checks: an entry past the image's end would index
+    // past the counts below.
+    if (!check_l1_entry(l1_entry, n_.cluster_bits_, n_.host_end_).empty()) co_return -EIO;
     const uint64_t l2_offset = l1_entry & kOffsetMask;
     if (l2_offset == 0) {
       l1_entry = 0;

@@ -264,6 +264,24 @@ TEST_F(Qcow2DriverTest, SnapshotsAgreeWithQemuImg) {
   EXPECT_EQ(sh("qemu-io -c 'read -P 0x64 0 10' -c 'read -P 0x61 10 99990' " + path_), 0);
 }
 
+// Found by qcow2_image_fuzz: an active L1 entry pointing past the end of the file made snapshot
+// deletion index past its refcount array; it must fail with EIO like a read through that entry.
+TEST_F(Qcow2DriverTest, SnapshotsOfImageWithL1EntryOutsideTheFileFail) {
+  ASSERT_EQ(sh("qemu-img create -f qcow2 " + path_ + " 4M"), 0);
+  ASSERT_EQ(sh("qemu-img snapshot -c s0 " + path_), 0);
+  // qemu-img puts the one-entry L1 table of a 4 MiB image in cluster 3 (offset 0x30000).
+  ASSERT_EQ(sh("printf '\\000\\040\\000\\000\\000\\000\\000\\000' | dd of=" + path_ +
+               " bs=1 seek=196608 conv=notrunc"),
+            0);
+  auto node = open(path_, false);
+  ASSERT_TRUE(node.has_value()) << node.status().message();
+  std::vector<uint8_t> buffer(4096);
+  EXPECT_EQ(run(*loop_, (*node)->read(0, buffer.size(), buffer.data(), 0)), -EIO);
+  EXPECT_EQ(run(*loop_, qcow2_snapshots(**node)->create_snapshot("s")), -EIO);
+  EXPECT_EQ(run(*loop_, qcow2_snapshots(**node)->delete_snapshot(0)), -EIO);
+  EXPECT_EQ(qcow2_snapshots(**node)->snapshots().size(), 1u);
+}
+
 // An image left dirty by a writer with lazy refcounts (qemu-io killed) opens read-only as it
 // is, and read-write after blockd recounted its refcounts: then qemu-img check finds it clean.
 TEST_F(Qcow2DriverTest, DirtyImageIsRepairedOnReadWriteOpen) {
