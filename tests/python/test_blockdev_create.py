@@ -325,6 +325,50 @@ def test_qcow2_creation_on_a_node_in_use(sides: list[Side]) -> None:
     same(sides, scenario)
 
 
+
+@requires_qsd
+def test_qcow2_creation_on_a_node_an_export_took_to_an_iothread(sides: list[Side]) -> None:
+    """While an NBD export in an iothread holds the file node, both refuse to create on it (qsd:
+    the export does not share resize; blockd: the node cannot get another user there). Once the
+    export is gone, both create the image on the same node, and it checks clean."""
+
+    def scenario(side: Side) -> Transcript:
+        image = side.path("iothread.qcow2")
+        with open(image, "wb"):
+            pass
+        socket = side.path("iothread-nbd.sock")
+        for command, arguments in (
+            ("object-add", {"qom-type": "iothread", "id": "create-io"}),
+            ("blockdev-add", {"driver": "file", "node-name": "iof", "filename": image}),
+            ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": socket}}}),
+            ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "iof",
+                                  "iothread": "create-io"}),
+        ):
+            reply = side.cmd(command, **arguments)
+            assert "error" not in reply, (side.name, command, reply)
+        options = {"driver": "qcow2", "file": "iof", "size": 8 << 20, "cluster-size": 4096,
+                   "preallocation": "metadata"}
+        try:
+            refused = side.create("q1", options)
+        finally:
+            side.cmd("block-export-del", id="e1")
+            side.cmd("nbd-server-stop")
+        # The job's error differs in wording: keep whether there was one.
+        refused[2] = [{key: ("<error>" if key == "error" else value) for key, value in job.items()}
+                      for job in refused[2]]
+        created = side.create("q2", options)
+        side.cmd("blockdev-del", node_name="iof")
+        side.cmd("object-del", id="create-io")
+        report = check(image)
+        created.append({key: report.get(key, 0) for key in ("check-errors", "corruptions", "leaks")})
+        created.append(info(image)["virtual-size"])
+        return [refused, created]
+
+    refused, created = same(sides, scenario)
+    assert refused[1][-2:] == ["aborting", "concluded"] and refused[2][0]["error"] == "<error>"
+    assert created[1][-1] == "concluded" and "error" not in created[2][0]
+    assert created[-2:] == [{"check-errors": 0, "corruptions": 0, "leaks": 0}, 8 << 20]
+
 # ---- Images blockd creates, checked with qemu-img ---------------------------------------------
 
 
