@@ -76,6 +76,12 @@ void store_be64(uint8_t* p, uint64_t value) noexcept {
   store_be32(p + 4, static_cast<uint32_t>(value));
 }
 
+std::vector<uint8_t> encode_be64_table(const std::vector<uint64_t>& entries) {
+  std::vector<uint8_t> raw(entries.size() * 8);
+  for (size_t i = 0; i < entries.size(); ++i) store_be64(&raw[i * 8], entries[i]);
+  return raw;
+}
+
 // ---- Entries.
 
 ClusterKind classify_l2_entry(uint64_t entry, uint32_t version) noexcept {

@@ -148,6 +148,8 @@ uint64_t load_be64(const uint8_t* p) noexcept;
 void store_be16(uint8_t* p, uint16_t value) noexcept;
 void store_be32(uint8_t* p, uint32_t value) noexcept;
 void store_be64(uint8_t* p, uint64_t value) noexcept;
+// A table of 64-bit entries (L1, refcount table) in its on-disk big-endian form.
+std::vector<uint8_t> encode_be64_table(const std::vector<uint64_t>& entries);
 
 // ---- Header.
 

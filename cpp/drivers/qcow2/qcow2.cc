@@ -91,43 +91,6 @@ void MetadataCache::trim() {
 
 // ---- Node basics
 
-namespace {
-
-// An RAII holder for the node lock inside a coroutine frame.
-class SharedGuard {
- public:
-  explicit SharedGuard(AsyncRwLock& lock) : lock_(&lock) {}
-  ~SharedGuard() {
-    if (lock_) lock_->unlock_shared();
-  }
-  void release() {
-    if (lock_) lock_->unlock_shared();
-    lock_ = nullptr;
-  }
-
- private:
-  AsyncRwLock* lock_;
-};
-
-class ExclusiveGuard {
- public:
-  explicit ExclusiveGuard(AsyncRwLock& lock) : lock_(&lock) {}
-  ~ExclusiveGuard() {
-    if (lock_) lock_->unlock();
-  }
-  void release() {
-    if (lock_) lock_->unlock();
-    lock_ = nullptr;
-  }
-
- private:
-  AsyncRwLock* lock_;
-};
-
-uint64_t div_round_up(uint64_t value, uint64_t divisor) { return (value + divisor - 1) / divisor; }
-
-}  // namespace
-
 Qcow2Node::Qcow2Node(block::NodeOptions common, const Qcow2Options& options)
     : Node(std::move(common)), qcow2_options_(options) {
   discard_passthrough_[0] = options.pass_discard_request.value_or(options_.discard == "unmap");
@@ -792,8 +755,7 @@ Task<int> Qcow2Node::grow_refcount_table(uint64_t needed_index) noexcept {
     refblocks_.insert(offset);
   }
   const uint64_t table_offset = (start + blocks) << cluster_bits_;
-  std::vector<uint8_t> raw(table.size() * 8);
-  for (uint64_t i = 0; i < table.size(); ++i) store_be64(&raw[i * 8], table[i]);
+  const std::vector<uint8_t> raw = encode_be64_table(table);
   if (int r = co_await file_write(table_offset, raw.data(), raw.size()); r < 0) co_return r;
   host_end_ = std::max(host_end_, (start + used) << cluster_bits_);
   if (int r = co_await file_sync(); r < 0) co_return r;
@@ -903,8 +865,7 @@ Task<int> Qcow2Node::write_dirty(MetadataCache& cache) noexcept {
 }
 
 Task<int> Qcow2Node::write_l1() noexcept {
-  std::vector<uint8_t> raw(l1_.size() * 8);
-  for (size_t i = 0; i < l1_.size(); ++i) store_be64(&raw[i * 8], l1_[i]);
+  const std::vector<uint8_t> raw = encode_be64_table(l1_);
   if (int r = co_await file_write(header_.l1_table_offset, raw.data(), raw.size()); r < 0) {
     co_return r;
   }

@@ -61,6 +61,41 @@ class AsyncRwLock {
   Event changed_;
 };
 
+// An RAII holder for the node lock inside a coroutine frame.
+class SharedGuard {
+ public:
+  explicit SharedGuard(AsyncRwLock& lock) : lock_(&lock) {}
+  ~SharedGuard() {
+    if (lock_) lock_->unlock_shared();
+  }
+  void release() {
+    if (lock_) lock_->unlock_shared();
+    lock_ = nullptr;
+  }
+
+ private:
+  AsyncRwLock* lock_;
+};
+
+class ExclusiveGuard {
+ public:
+  explicit ExclusiveGuard(AsyncRwLock& lock) : lock_(&lock) {}
+  ~ExclusiveGuard() {
+    if (lock_) lock_->unlock();
+  }
+  void release() {
+    if (lock_) lock_->unlock();
+    lock_ = nullptr;
+  }
+
+ private:
+  AsyncRwLock* lock_;
+};
+
+inline uint64_t div_round_up(uint64_t value, uint64_t divisor) {
+  return (value + divisor - 1) / divisor;
+}
+
 // One cached metadata cluster (an L2 table or a refcount block), in its on-disk (big-endian) form.
 struct Table {
   uint64_t offset = 0;

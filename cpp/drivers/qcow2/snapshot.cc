@@ -20,29 +20,6 @@
 
 namespace blockd::drivers::qcow2 {
 
-namespace {
-
-class ExclusiveLock {
- public:
-  explicit ExclusiveLock(AsyncRwLock& lock) : lock_(lock) {}
-  ~ExclusiveLock() { lock_.unlock(); }
-
- private:
-  AsyncRwLock& lock_;
-};
-
-uint64_t clusters_for(uint64_t bytes, uint32_t cluster_bits) {
-  return (bytes + (uint64_t{1} << cluster_bits) - 1) >> cluster_bits;
-}
-
-std::vector<uint8_t> encode_l1(const std::vector<uint64_t>& entries) {
-  std::vector<uint8_t> raw(entries.size() * 8);
-  for (size_t i = 0; i < entries.size(); ++i) store_be64(&raw[i * 8], entries[i]);
-  return raw;
-}
-
-}  // namespace
-
 // The next version of a node's metadata, built in memory and in unused clusters, then switched
 // to at once (see the top of this file). Exclusive lock held, caches flushed, for its lifetime.
 class SnapshotOps {
@@ -160,7 +137,7 @@ void SnapshotOps::give_back(uint64_t offset, uint64_t count) {
 }
 
 uint64_t SnapshotOps::stage(std::vector<uint8_t> bytes) {
-  const uint64_t clusters = std::max<uint64_t>(1, clusters_for(bytes.size(), n_.cluster_bits_));
+  const uint64_t clusters = std::max<uint64_t>(1, div_round_up(bytes.size(), n_.cluster_size()));
   bytes.resize(clusters << n_.cluster_bits_, 0);
   const uint64_t offset = take(clusters);
   writes_.emplace_back(offset, std::move(bytes));
@@ -182,7 +159,7 @@ int SnapshotOps::place_refcount_structures(std::vector<uint64_t>& blocks, uint64
   // Placing blocks and the table can extend what must be covered: repeat until it does not.
   for (int round = 0; round < 64; ++round) {
     const uint64_t nblocks = (used_end() + per_block - 1) / per_block;
-    const uint64_t want_table = clusters_for(std::max(nblocks, min_entries) * 8, n_.cluster_bits_);
+    const uint64_t want_table = div_round_up(std::max(nblocks, min_entries) * 8, n_.cluster_size());
     if (nblocks <= blocks.size() && want_table <= table_clusters) return 0;
     if ((want_table << n_.cluster_bits_) > kMaxRefcountTableBytes) return -EFBIG;
     while (blocks.size() < nblocks) blocks.push_back(take(1));
@@ -238,7 +215,7 @@ Task<int> SnapshotOps::commit(std::vector<uint64_t> active, std::vector<Snapshot
     l1_entry = final_count(l2) == 1 ? (l1_entry | kEntryCopied) : (l1_entry & ~kEntryCopied);
   }
   if (int r = add(n_.header_.l1_table_offset, n_.l1_.size() * 8, -1); r < 0) co_return r;
-  const uint64_t l1_offset = active.empty() ? 0 : stage(encode_l1(active));
+  const uint64_t l1_offset = active.empty() ? 0 : stage(encode_be64_table(active));
   // 3. The snapshot table.
   uint64_t snapshots_offset = n_.header_.snapshots_offset;
   if (new_table) {
@@ -272,7 +249,7 @@ Task<int> SnapshotOps::commit(std::vector<uint64_t> active, std::vector<Snapshot
     writes_.emplace_back(blocks[b], std::move(data));
     table[b] = blocks[b];
   }
-  writes_.emplace_back(table_offset, encode_l1(table));
+  writes_.emplace_back(table_offset, encode_be64_table(table));
   // 6. Everything new is durable before the header refers to it.
   for (const auto& [offset, bytes] : writes_) {
     if (int r = co_await n_.file_write(offset, bytes.data(), bytes.size()); r < 0) co_return r;
@@ -358,7 +335,7 @@ Task<int> Qcow2Node::recompute_copied() noexcept {
 Task<int> Qcow2Node::create_snapshot(std::string name) noexcept {
   if (read_only()) co_return -EROFS;
   co_await lock_.lock();
-  ExclusiveLock guard(lock_);
+  ExclusiveGuard guard(lock_);
   co_await drain_allocations();
   uint64_t next_id = 0;
   for (const SnapshotEntry& s : snapshots_) {
@@ -375,7 +352,7 @@ Task<int> Qcow2Node::create_snapshot(std::string name) noexcept {
   for (uint64_t& e : frozen) e &= ~kEntryCopied;
   if (int r = co_await ops.add_tree(frozen, +1); r < 0) co_return r;
   SnapshotEntry entry;
-  entry.l1_table_offset = frozen.empty() ? 0 : ops.stage(encode_l1(frozen));
+  entry.l1_table_offset = frozen.empty() ? 0 : ops.stage(encode_be64_table(frozen));
   entry.l1_size = static_cast<uint32_t>(frozen.size());
   entry.id = std::to_string(next_id + 1);
   entry.name = std::move(name);
@@ -394,7 +371,7 @@ Task<int> Qcow2Node::create_snapshot(std::string name) noexcept {
 Task<int> Qcow2Node::delete_snapshot(size_t index) noexcept {
   if (read_only()) co_return -EROFS;
   co_await lock_.lock();
-  ExclusiveLock guard(lock_);
+  ExclusiveGuard guard(lock_);
   co_await drain_allocations();
   if (index >= snapshots_.size()) co_return -ENOENT;
   if (int r = co_await flush_metadata(); r < 0) co_return r;
@@ -413,7 +390,7 @@ Task<int> Qcow2Node::delete_snapshot(size_t index) noexcept {
 Task<int> Qcow2Node::revert_snapshot(size_t index) noexcept {
   if (read_only()) co_return -EROFS;
   co_await lock_.lock();
-  ExclusiveLock guard(lock_);
+  ExclusiveGuard guard(lock_);
   co_await drain_allocations();
   if (index >= snapshots_.size()) co_return -ENOENT;
   const SnapshotEntry& target = snapshots_[index];
