@@ -8,20 +8,26 @@
 //
 // Request flow. libfuse mounts and handles INIT, but the requests are read here: kReaders reader
 // coroutines on the export's loop each keep one io_uring read of /dev/fuse in flight, into a
-// buffer of its own ("slot"). /dev/fuse offers no non-blocking reads to io_uring, so the kernel
-// runs each read on one of its worker threads: a request is copied out of the client (a 1 MiB
-// WRITE's payload, the bulk of the work) on those threads, several at once and on every core,
-// while the loop goes on. Each request is handed to libfuse's decoder (fuse_session_process_buf),
-// which calls the handlers below; those that need the node start a coroutine that replies when
-// the node has answered, and keep the slot while they run. So up to max_requests_in_flight
-// requests proceed at once, with no lock and no thread of our own.
+// buffer of its own ("slot"). /dev/fuse has no FMODE_NOWAIT but can be polled, so io_uring arms a
+// poll and performs the read from task work on the loop thread once a request is pending (a read
+// that then finds the queue empty again, because another reader took the request, goes on
+// blocking on one of the ring's worker threads). A wake-up thus hands the loop as many requests as
+// are pending, up to kReaders. Each request is handed to libfuse's decoder
+// (fuse_session_process_buf), which calls the handlers below; those that need the node start a
+// coroutine that replies when the node has answered, and keep the slot while they run. So up to
+// max_requests_in_flight requests proceed at once, with no lock and no thread of our own.
+//
+// Replies. READ and WRITE replies are written to /dev/fuse through io_uring too, not with a
+// write(2) each: the replies of one loop iteration then reach the kernel in one io_uring_enter,
+// which wakes the clients together instead of handing the CPU to a client after every reply (on
+// a small machine the loop otherwise loses its CPU to the client it has just woken). libfuse still
+// sends the rare error and metadata replies itself.
 //
 // Copies. A slot is 1 MiB + 8 KiB, page aligned. The kernel writes a request so that the payload
 // of a WRITE (after the 80-byte fuse_in_header + fuse_write_in) starts on a page boundary, and the
 // node writes straight from there; a READ's data is read into the same slot (its request has been
-// decoded by then) and sent from there. Large READ replies go through io_uring too, so that the
-// kernel copies them into the client on its worker threads. Files are opened with FOPEN_DIRECT_IO
-// so that the page cache neither copies nor delays anything and every read reaches the node.
+// decoded by then) and sent from there. Files are opened with FOPEN_DIRECT_IO so that the page
+// cache neither copies nor delays anything and every read reaches the node.
 #define FUSE_USE_VERSION 312
 
 #include "exports/fuse/fuse_export.h"
@@ -55,8 +61,6 @@ constexpr size_t kWriteHeader = sizeof(fuse_in_header) + sizeof(fuse_write_in);
 // What one read(2) of /dev/fuse may return: the kernel needs room for a header plus max_write.
 constexpr size_t kRequestRoom = FuseExport::kMaxTransfer + kPage;
 constexpr size_t kSlotBytes = FuseExport::kMaxTransfer + 2 * kPage;
-// Read replies of at least this size are written to /dev/fuse through io_uring.
-constexpr uint64_t kQueuedReplyMin = 64 * 1024;
 // How long the kernel may cache the file's attributes. Every change goes through this export,
 // whose replies update the kernel's copy, so caching them is safe.
 constexpr double kAttrTimeout = 1.0;
@@ -194,11 +198,31 @@ struct FuseExport::Handlers {
     fuse_reply_iov(req, &iov, 1);
   }
 
+  // The header's `unique`, which a reply must carry.
+  static uint64_t unique_of(const Slot* slot) {
+    return reinterpret_cast<const fuse_in_header*>(slot->request())->unique;
+  }
+
+  // Sends a successful reply, `head` then `data`, through io_uring (see "Replies" above); libfuse
+  // only frees its record of the request.
+  static Task<void> reply(FuseExport& e, fuse_req_t req, uint64_t unique, const void* head,
+                          size_t head_size, const void* data, size_t data_size) {
+    fuse_out_header header{};
+    header.len = static_cast<uint32_t>(sizeof header + head_size + data_size);
+    header.unique = unique;
+    iovec parts[3] = {{&header, sizeof header},
+                      {const_cast<void*>(head), head_size},
+                      {const_cast<void*>(data), data_size}};
+    fuse_reply_none(req);
+    // Errors need no answer: ENOENT means the request was interrupted meanwhile, ENODEV that the
+    // connection has gone.
+    (void)co_await e.loop_.writev(e.fd_, parts, 3, 0);
+  }
+
   static void read(fuse_req_t req, fuse_ino_t, size_t size, off_t offset, fuse_file_info*) {
     FuseExport& e = self(req);
     Slot* slot = keep_slot(e);
-    const uint64_t unique = reinterpret_cast<const fuse_in_header*>(slot->request())->unique;
-    start(e, finish_read(e, req, slot, unique, size, static_cast<uint64_t>(offset)));
+    start(e, finish_read(e, req, slot, unique_of(slot), size, static_cast<uint64_t>(offset)));
   }
 
   static Task<void> finish_read(FuseExport& e, fuse_req_t req, Slot* slot, uint64_t unique,
@@ -212,20 +236,8 @@ struct FuseExport::Handlers {
         length ? co_await e.backend_->read(offset, length, slot->data(), 0) : int64_t{0};
     if (ret < 0) {
       fuse_reply_err(req, fuse_errno(ret));
-    } else if (length < kQueuedReplyMin) {
-      fuse_reply_buf(req, reinterpret_cast<const char*>(slot->data()), length);
     } else {
-      // A large reply goes through io_uring: the kernel copies it into the reader's pages on one
-      // of its worker threads, so several replies are copied at once while the loop carries on.
-      // The reply is built here (fuse_out_header, then the data); libfuse only frees its record.
-      fuse_out_header header{};
-      header.len = static_cast<uint32_t>(sizeof header + length);
-      header.unique = unique;
-      iovec parts[2] = {{&header, sizeof header}, {slot->data(), length}};
-      fuse_reply_none(req);
-      // Errors need no answer: ENOENT means the request was interrupted meanwhile, ENODEV that
-      // the connection has gone.
-      (void)co_await e.loop_.writev(e.fd_, parts, 2, 0);
+      co_await reply(e, req, unique, nullptr, 0, slot->data(), length);
     }
     e.release_slot(slot);
   }
@@ -237,11 +249,13 @@ struct FuseExport::Handlers {
       fuse_reply_err(req, EACCES);
       return;
     }
-    start(e, finish_write(e, req, keep_slot(e), buffer, size, static_cast<uint64_t>(offset)));
+    Slot* slot = keep_slot(e);
+    start(e, finish_write(e, req, slot, unique_of(slot), buffer, size,
+                          static_cast<uint64_t>(offset)));
   }
 
-  static Task<void> finish_write(FuseExport& e, fuse_req_t req, Slot* slot, const char* buffer,
-                                 size_t size, uint64_t offset) {
+  static Task<void> finish_write(FuseExport& e, fuse_req_t req, Slot* slot, uint64_t unique,
+                                 const char* buffer, size_t size, uint64_t offset) {
     while (e.allocating_) co_await e.writes_changed_.wait();
     ++e.writes_;
     WritePlan plan =
@@ -254,13 +268,15 @@ struct FuseExport::Handlers {
       const int64_t ret = co_await e.backend_->write(offset, plan.length, buffer, 0);
       if (ret < 0) plan.error = fuse_errno(ret);
     }
+    if (--e.writes_ == 0 && e.writes_changed_.has_waiters()) e.writes_changed_.notify_all();
     if (plan.error != 0) {
       fuse_reply_err(req, plan.error);
     } else {
       e.mtime_ = e.ctime_ = now();
-      fuse_reply_write(req, plan.length);
+      fuse_write_out out{};
+      out.size = static_cast<uint32_t>(plan.length);
+      co_await reply(e, req, unique, &out, sizeof out, nullptr, 0);
     }
-    if (--e.writes_ == 0 && e.writes_changed_.has_waiters()) e.writes_changed_.notify_all();
     e.release_slot(slot);
   }
 

@@ -123,7 +123,7 @@ class FuseExport final : public Export {
   uint32_t handlers_ = 0;  // requests being answered by a coroutine
   Event progress_;         // a handler finished, a slot came free, or the reader stopped
   // The reads of /dev/fuse in flight, one per reader; cancelled when the export shuts down.
-  static constexpr size_t kReaders = 4;
+  static constexpr size_t kReaders = 16;
   std::array<Completion*, kReaders> pending_reads_{};
   size_t readers_ = 0;  // readers still running
   bool stopping_ = false;
