@@ -30,10 +30,6 @@ Status Loop::init() {
   ring_ready_ = true;
   wakeup_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (wakeup_fd_ < 0) return Status::generic("Failed to create eventfd: " + errno_text(-errno));
-  wakeup_completion_.loop = this;
-  wakeup_completion_.complete = [](Completion* self, int, unsigned) {
-    static_cast<WakeupCompletion*>(self)->loop->wakeup_armed_ = false;
-  };
   return Status::ok();
 }
 
@@ -129,16 +125,25 @@ void Loop::iterate(bool may_block) {
   unsigned count = 0;
   io_uring_for_each_cqe(&ring_, head, cqe) {
     if (count == 256) break;
-    ready[count] = static_cast<Completion*>(io_uring_cqe_get_data(cqe));
+    ++seen;
+    auto* completion = static_cast<Completion*>(io_uring_cqe_get_data(cqe));
+    if (completion == &wakeup_completion_) {
+      // The wake-up read is spent: note it now, not in the loop below. A completion handled
+      // before it in this batch may run the loop nested (run_until from a QMP handler); that
+      // nested iteration must see the read as gone and arm a new one, or it would block in the
+      // kernel with nothing to wake it when another thread posts, a lost wake-up.
+      wakeup_armed_ = false;
+      continue;
+    }
+    ready[count] = completion;
     results[count] = cqe->res;
     flags[count] = cqe->flags;
     ++count;
-    ++seen;
   }
   io_uring_cq_advance(&ring_, seen);
   for (unsigned i = 0; i < count; ++i) {
     if (ready[i] == nullptr) continue;  // a cancel request's own completion
-    if (ready[i] != &wakeup_completion_) --in_flight_;
+    --in_flight_;
     ready[i]->complete(ready[i], results[i], flags[i]);
   }
 }

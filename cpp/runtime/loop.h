@@ -212,10 +212,11 @@ class Loop {
   unsigned pending_submissions_ = 0;
   int wakeup_fd_ = -1;
   uint64_t wakeup_buffer_ = 0;
-  struct WakeupCompletion : Completion {
-    Loop* loop = nullptr;
-  };
-  WakeupCompletion wakeup_completion_;
+  // Identifies the wake-up read's completion (iterate handles it itself; it resumes nothing).
+  Completion wakeup_completion_;
+  // Whether a read of wakeup_fd_ is queued or in the kernel. Other threads' post() and stop()
+  // write the eventfd; that read completing is what wakes a loop blocked in io_uring_enter, so
+  // the loop never blocks without one armed.
   bool wakeup_armed_ = false;
   std::atomic<bool> stop_requested_{false};
   std::mutex posted_mutex_;
