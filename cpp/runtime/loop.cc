@@ -95,7 +95,14 @@ void Loop::spawn(Task<void> task) {
   auto wrapper = [](std::coroutine_handle<detail::TaskPromise<void>> inner) -> DetachedTask {
     co_await Task<void>(inner);
   }(handle);
+  // The task's first steps run now, on the calling thread, possibly before run() or run_until()
+  // made this the thread's loop (a test or a QMP handler spawns, then runs the loop): they must
+  // already see this loop as Loop::current(), or code that decides where to run or where to come
+  // back to (a hop to another loop and back) would think it runs on no loop at all.
+  Loop* previous = current_loop;
+  current_loop = this;
   wrapper.handle.resume();
+  current_loop = previous;
 }
 
 void Loop::iterate(bool may_block) {

@@ -62,7 +62,8 @@ class Loop {
   void post(std::function<void()> work);
 
   // Starts `task` on this loop, detached: its frame frees itself when it finishes. Loop thread only
-  // (or before the loop runs).
+  // (or before the loop runs, from the thread that will run it). The task runs at once until it
+  // first suspends, with Loop::current() returning this loop.
   void spawn(Task<void> task);
 
   // Runs `function` on the loop thread and waits for its result. Must not be called from the loop

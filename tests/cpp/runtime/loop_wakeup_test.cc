@@ -274,6 +274,36 @@ TEST(LoopWakeupTest, RunUntilLoopAndLoopThreadHandOff) {
   EXPECT_FALSE(watchdog.fired()) << "a hand-off did not wake the other loop";
 }
 
+// A task spawned before its loop runs (as testing::run and QMP handlers do) already runs on that
+// loop: work that hops to another loop and back to Loop::current() must come back here. (Before
+// spawn set the current loop, such a task saw no loop, ran its I/O against the other loop's ring
+// from this thread and finished there, and run_until here waited for ever.)
+TEST(LoopWakeupTest, SpawnedTaskReturnsToTheLoopItWasSpawnedOn) {
+  auto loop = make_loop();
+  auto iothread = LoopThread::start("wakeup-spawn");
+  ASSERT_TRUE(iothread.has_value());
+  Loop& away = (*iothread)->loop();
+  Watchdog watchdog("spawned task", {this_thread_id(), (*iothread)->thread_id()}, kDeadline);
+  EXPECT_EQ(Loop::current(), nullptr);
+  Loop* seen_at_start = nullptr;
+  Loop* seen_away = nullptr;
+  Loop* seen_back = nullptr;
+  testing::run(*loop, [](Loop& other, Loop*& start, Loop*& there, Loop*& back) -> Task<void> {
+    start = Loop::current();
+    Loop& home = start != nullptr ? *start : other;
+    co_await HopTo{other};
+    there = Loop::current();
+    co_await HopTo{home};
+    back = Loop::current();
+  }(away, seen_at_start, seen_away, seen_back));
+  watchdog.finish();
+  EXPECT_EQ(seen_at_start, loop.get());
+  EXPECT_EQ(seen_away, &away);
+  EXPECT_EQ(seen_back, loop.get());
+  EXPECT_EQ(Loop::current(), nullptr);  // spawn and run_until restore the previous loop
+  EXPECT_FALSE(watchdog.fired());
+}
+
 // Stopping a loop thread is a cross-thread wake-up too: starting and stopping many (with work
 // posted just before the stop) must never leave a join waiting.
 TEST(LoopWakeupTest, StopWakesALoopThread) {
