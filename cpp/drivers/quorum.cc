@@ -2,12 +2,16 @@
 #include "drivers/quorum.h"
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
 
+#include <unistd.h>
+
 #include "drivers/qemu_json.h"
+#include "drivers/thread_pool.h"
 #include "runtime/join.h"
 
 namespace blockd::drivers {
@@ -24,6 +28,10 @@ constexpr size_t kMaxPooledBuffers = 64;
 // the scratch copy is still in the CPU cache when it is compared, large enough that the extra
 // system calls of children in memory cost little.
 constexpr uint64_t kCompareChunk = 64 << 10;
+// Reads of children in memory from this size on are split in two halves, the second read and
+// compared on a worker thread while the loop does the first: the copies from the page cache are
+// what such a read costs, and a second core halves its latency.
+constexpr uint64_t kSplitThreshold = 256 << 10;
 
 // A heap buffer aligned for O_DIRECT children.
 struct ScratchBuffer {
@@ -47,6 +55,53 @@ uint64_t hash_bytes(const char* data, size_t length) noexcept {
   }
   for (; i < length; ++i) hash = (hash ^ static_cast<unsigned char>(data[i])) * 0x100000001b3ull;
   return hash;
+}
+
+// Reads `length` bytes at `offset` of `fd` into `buffer`; what lies past the end of the file reads
+// as zeroes (Node::map_file). False on an error.
+bool pread_full(int fd, char* buffer, uint64_t length, uint64_t offset) noexcept {
+  uint64_t done = 0;
+  while (done < length) {
+    const ssize_t got = ::pread(fd, buffer + done, length - done, static_cast<off_t>(offset + done));
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      return false;
+    }
+    if (got == 0) break;
+    done += static_cast<uint64_t>(got);
+  }
+  if (done < length) std::memset(buffer + done, 0, length - done);
+  return true;
+}
+
+// The children of a read that all lie in host files in memory (Node::map_file), and compares them
+// there: child 0 is read into `buffer`, the others piece by piece into `chunk` (chunk_size bytes),
+// each piece compared at once while it is in the cache. `start` is relative to the request (and
+// its buffer). True when every child read without error and agreed with child 0. Any thread: only
+// system calls on the files and the buffers.
+bool compare_mapped(const block::FileRange* ranges, size_t count, uint64_t start, uint64_t length,
+                    char* buffer, char* chunk, uint64_t chunk_size) noexcept {
+  for (uint64_t done = start; done < start + length;) {
+    const uint64_t piece = std::min(chunk_size, start + length - done);
+    if (!pread_full(ranges[0].fd, buffer + done, piece, ranges[0].offset + done)) return false;
+    for (size_t i = 1; i < count; ++i) {
+      if (!pread_full(ranges[i].fd, chunk, piece, ranges[i].offset + done) ||
+          std::memcmp(buffer + done, chunk, piece) != 0) {
+        return false;
+      }
+    }
+    done += piece;
+  }
+  return true;
+}
+
+// compare_mapped on a worker thread; `agreed` holds its answer.
+Task<void> compare_mapped_in_thread(Loop& loop, const block::FileRange* ranges, size_t count,
+                                    uint64_t start, uint64_t length, char* buffer, char* chunk,
+                                    uint64_t chunk_size, bool& agreed) {
+  agreed = co_await RunInThread(loop, [=]() noexcept -> int64_t {
+    return compare_mapped(ranges, count, start, length, buffer, chunk, chunk_size) ? 1 : 0;
+  }) == 1;
 }
 
 // Small per-request arrays: inline for the usual handful of children.
@@ -262,6 +317,7 @@ class QuorumNode final : public Node {
   }
 
   Task<int64_t> read_fifo(uint64_t offset, uint64_t length, void* buffer, uint32_t flags) noexcept;
+  Task<bool> read_mapped(uint64_t offset, uint64_t length, char* buffer);
   Task<Comparison> compare_child(Node& child, uint64_t offset, uint64_t length, const char* expected,
                                  char* chunk, uint64_t chunk_size, uint32_t flags, int64_t& error);
   Task<int64_t> vote(uint64_t offset, uint64_t length, void* buffer, ChildArray<char*>& data,
@@ -287,6 +343,48 @@ Task<int64_t> QuorumNode::read_fifo(uint64_t offset, uint64_t length, void* buff
   co_return result;
 }
 
+// The fast path for children that all lie in files in memory (Node::map_file): their bytes are
+// read with plain system calls, child 0 into the caller's buffer, and compared; no child request,
+// no coroutine per child. True when every child agreed (the read is done); false when some child
+// is elsewhere, failed or differs: then nothing is reported and the caller reads the children
+// again through their nodes, which gives the errors, votes and events. A child changed or
+// truncated behind the engine's back reads differently (past its end as zeroes) and is outvoted
+// there, as on the normal path.
+Task<bool> QuorumNode::read_mapped(uint64_t offset, uint64_t length, char* buffer) {
+  const size_t count = children().size();
+  ChildArray<block::FileRange> ranges(count);
+  for (size_t i = 0; i < count; ++i) {
+    ranges[i] = child_node(i).map_file(offset, length);
+    if (ranges[i].fd < 0) co_return false;
+  }
+  const uint64_t chunk_size = std::min(length, kCompareChunk);
+  ScratchBuffer chunk = take_buffer(chunk_size);
+  if (chunk.data == nullptr) co_return false;
+  bool agreed = false;
+  if (length < kSplitThreshold) {
+    agreed = compare_mapped(&ranges[0], count, 0, length, buffer, chunk.data.get(), chunk_size);
+  } else {
+    ScratchBuffer second_chunk = take_buffer(chunk_size);
+    if (second_chunk.data == nullptr) {
+      give_back(std::move(chunk));
+      co_return false;
+    }
+    // The second half, from a piece boundary, goes to a worker; the loop reads the first.
+    const uint64_t half = (length / 2 + kCompareChunk - 1) / kCompareChunk * kCompareChunk;
+    bool second_agreed = false;
+    Join join;
+    join.start(loop(), compare_mapped_in_thread(loop(), &ranges[0], count, half, length - half,
+                                                buffer, second_chunk.data.get(), chunk_size,
+                                                second_agreed));
+    agreed = compare_mapped(&ranges[0], count, 0, half, buffer, chunk.data.get(), chunk_size);
+    co_await join.wait();
+    agreed = agreed && second_agreed;
+    give_back(std::move(second_chunk));
+  }
+  give_back(std::move(chunk));
+  co_return agreed;
+}
+
 // Reads piece by piece into `chunk` and compares each piece with `expected` right away, while the
 // copy is still in the cache. Stops at the first difference or error (`error` then holds it).
 Task<Comparison> QuorumNode::compare_child(Node& child, uint64_t offset, uint64_t length,
@@ -309,6 +407,7 @@ Task<int64_t> QuorumNode::read(uint64_t offset, uint64_t length, void* buffer,
                                uint32_t flags) noexcept {
   InFlight guard(this);
   if (fifo()) co_return co_await read_fifo(offset, length, buffer, flags);
+  if (length > 0 && co_await read_mapped(offset, length, static_cast<char*>(buffer))) co_return 0;
   const size_t count = children().size();
   // data[i] holds child i's bytes: child 0 reads straight into the caller's buffer, a child found
   // equal to it shares that buffer, the others get scratch buffers.

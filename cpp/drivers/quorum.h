@@ -3,9 +3,14 @@
 //
 // Implements QEMU 7.2's "quorum" (BlockdevOptionsQuorum) as qemu-storage-daemon 7.2 behaves:
 //  - Reads, read-pattern "quorum": every child is read. Child 0 reads into the caller's buffer.
-//    When it answers without waiting (a file in memory), the other children are read one after
-//    another in pieces of up to 64 KiB through one small buffer, each piece compared with the
-//    caller's buffer while still in the cache; otherwise all children are read in parallel.
+//    When every child's range lies in a host file in memory (Node::map_file: file or raw over
+//    file on tmpfs), the files are read directly with pread, piece by piece (64 KiB), each piece
+//    of the other children compared with child 0's while still in the cache; reads from 256 KiB
+//    on do their second half on a worker thread. Any difference or error there ends this fast
+//    path without a report and the children are read again through their nodes, as follows.
+//    When child 0 answers without waiting (e.g. blkdebug over a file in memory), the other
+//    children are read one after another in pieces of up to 64 KiB through one small buffer,
+//    each piece compared with the caller's buffer; otherwise all children are read in parallel.
 //    When all successful reads agree the data is returned. Otherwise (children from the first
 //    that differs on are then read whole) each successful child's data is hashed over the whole
 //    request and the children are grouped by equal data; the largest group (ties: the group whose

@@ -3,6 +3,10 @@
 Each test builds a quorum of three raw files (node names c0, c1, c2, or d<i> for a blkdebug filter
 in front of child i), exports it over NBD and reads or writes it with libnbd; the child files are
 read and changed directly, behind the engine's back. Events are checked with their exact payloads.
+Tests on the `quorum` fixture run twice: with the child files on disk (tmp_path) and in memory
+(a tmpfs under /dev/shm), where the driver reads and compares the children's files directly
+(Node::map_file) and falls back to reading them through their nodes when they differ or when a
+child is not a plain file in memory (blkdebug).
 The rate limiting of events runs on the engine's manual test clock, so no test sleeps through a
 window.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import random
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -92,11 +97,27 @@ class Quorum:
         self.engine.close()
 
 
-@pytest.fixture
-def quorum(tmp_path: Path) -> Iterator[Quorum]:
-    session = Quorum(tmp_path)
-    yield session
-    session.close()
+def shm_is_tmpfs() -> bool:
+    try:
+        with open("/proc/mounts") as mounts:
+            return any(line.split()[1:3] == ["/dev/shm", "tmpfs"] for line in mounts)
+    except OSError:
+        return False
+
+
+@pytest.fixture(params=["disk", "memory"])
+def quorum(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Quorum]:
+    if request.param == "disk":
+        session = Quorum(tmp_path)
+        yield session
+        session.close()
+        return
+    if not shm_is_tmpfs():
+        pytest.skip("/dev/shm is not a tmpfs here")
+    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="blockd-quorum-test-") as directory:
+        session = Quorum(Path(directory))
+        yield session
+        session.close()
 
 
 def bad(node: str, sector: int, count: int, op: str = "read", error: str | None = None) -> dict[str, Any]:
@@ -119,6 +140,38 @@ def test_majority_outvotes_a_child_corrupted_behind_the_engines_back(quorum: Quo
     # Without rewrite-corrupted the bad copy stays as it is.
     assert quorum.file_bytes(1, MiB + 700, 1000) == b"\xff" * 1000
     assert quorum.events("QUORUM_FAILURE") == []
+
+
+@pytest.mark.parametrize("length", [4096, 3 * MiB])
+def test_corruption_anywhere_in_small_and_large_reads_is_outvoted(quorum: Quorum, length: int) -> None:
+    # Large reads in memory compare their halves on two threads: corrupt each half in turn.
+    quorum.open(**{"rewrite-corrupted": True})
+    for child, at in [(1, length // 4), (2, length - 1), (0, length // 2 + 1)]:
+        quorum.advance(1)
+        quorum.corrupt(child, 512 + at, b"\x55")
+        assert quorum.handle.pread(length, 512) == quorum.original[512:512 + length]
+        quorum.advance(1)
+        assert quorum.events("QUORUM_REPORT_BAD") == [bad(f"c{child}", 1, length // 512)]
+        assert quorum.file_bytes(child, 0, SIZE) == quorum.original
+    quorum.advance(1)
+    assert quorum.handle.pread(length, 512) == quorum.original[512:512 + length]
+    quorum.advance(1)
+    assert quorum.events("QUORUM_REPORT_BAD") == []
+
+
+def test_a_child_truncated_behind_the_engines_back_is_outvoted(quorum: Quorum) -> None:
+    quorum.open()
+    with open(quorum.paths[2], "r+b") as f:
+        f.truncate(MiB + 1000)
+    # The lost tail reads as zeroes and loses the vote; the engine carries on.
+    assert quorum.handle.pread(2 * MiB, MiB) == quorum.original[MiB:3 * MiB]
+    assert quorum.events("QUORUM_REPORT_BAD") == [bad("c2", 2048, 4096)]
+    quorum.advance(1)
+    assert quorum.handle.pread(4096, 3 * MiB) == quorum.original[3 * MiB:3 * MiB + 4096]
+    quorum.advance(1)
+    assert quorum.events("QUORUM_REPORT_BAD") == [bad("c2", 6144, 8)]
+    assert quorum.handle.pread(4096, 0) == quorum.original[:4096]
+    assert quorum.engine.qmp("query-version")["qemu"]["major"] == 7
 
 
 def test_rewrite_corrupted_repairs_the_child(quorum: Quorum) -> None:

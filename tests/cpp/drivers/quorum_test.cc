@@ -431,11 +431,12 @@ TEST_P(QuorumTest, FileNameListsTheChildren) {
 }
 
 // A corrupt byte anywhere in a request (first piece, a later piece, the very last byte), on any
-// child, at several sizes and offsets, is outvoted and reported with the request's sectors.
+// child, at several sizes and offsets, is outvoted and reported with the request's sectors. In
+// memory, reads from 256 KiB on compare their second half on a worker thread.
 TEST_P(QuorumTest, DisagreementAnywhereInTheRequestIsOutvoted) {
   auto node = quorum(threshold(2));
   ASSERT_TRUE(node.has_value()) << node.status().message();
-  const uint64_t lengths[] = {512, 4096, 65536, 65536 + 4096, 3 * 65536 + 1000};
+  const uint64_t lengths[] = {512, 4096, 65536, 65536 + 4096, 3 * 65536 + 1000, 262144, 786944};
   const uint64_t offsets[] = {0, 1536, 200704};
   for (const uint64_t length : lengths) {
     for (const uint64_t offset : offsets) {
@@ -465,6 +466,39 @@ TEST_P(QuorumTest, DisagreementAnywhereInTheRequestIsOutvoted) {
   std::vector<char> out(65536 * 2);
   ASSERT_EQ(read(**node, 4096, out), 0);
   EXPECT_TRUE(events_.empty());
+}
+
+// A child file cut short behind the engine's back reads as zeroes past its new end (the node keeps
+// its size): it loses the vote like any other corrupt child, small reads and large, never a crash.
+TEST_P(QuorumTest, ChildTruncatedBehindTheEnginesBackIsOutvoted) {
+  auto node = quorum(threshold(2));
+  ASSERT_TRUE(node.has_value()) << node.status().message();
+  ASSERT_EQ(truncate(paths_[1].c_str(), 524288 + 100), 0);
+  const std::pair<uint64_t, uint64_t> reads[] = {
+      {524288 - 2048, 4096}, {786432, 65536}, {262144, 524288}, {0, kImageSize}};
+  for (const auto& [offset, length] : reads) {
+    SCOPED_TRACE("offset " + std::to_string(offset) + " length " + std::to_string(length));
+    events_.clear();
+    std::vector<char> out(length);
+    ASSERT_EQ(read(**node, offset, out), 0);
+    EXPECT_EQ(out, read_file(0, offset, length));
+    ASSERT_EQ(events_.size(), 1u);
+    EXPECT_EQ(events_[0].node_name, "c1");
+    EXPECT_EQ(events_[0].sector_num, static_cast<int64_t>(offset / 512));
+    EXPECT_EQ(events_[0].sectors_count, static_cast<int64_t>(length / 512));
+  }
+  // Inside what is left the child still agrees.
+  events_.clear();
+  std::vector<char> out(65536);
+  ASSERT_EQ(read(**node, 65536, out), 0);
+  EXPECT_TRUE(events_.empty());
+  // Two children cut alike outvote the intact one: the majority decides, as it would for any data.
+  ASSERT_EQ(truncate(paths_[1].c_str(), 0), 0);
+  ASSERT_EQ(truncate(paths_[2].c_str(), 0), 0);
+  ASSERT_EQ(read(**node, 0, out), 0);
+  EXPECT_EQ(out, pattern(out.size(), 0));
+  ASSERT_EQ(events_.size(), 1u);
+  EXPECT_EQ(events_[0].node_name, "c0");
 }
 
 TEST_P(QuorumTest, ErrorInALaterPieceIsReportedAndOutvoted) {
