@@ -93,17 +93,21 @@ Task<int64_t> BlockBackend::truncate(uint64_t size) noexcept {
   co_return co_await root_->truncate(size);
 }
 
-BlockBackend::MappedRange::MappedRange(BlockBackend* backend, FileRange range) noexcept
-    : backend_(backend), range_(range) {
+BlockBackend::MappedRange::MappedRange(BlockBackend* backend, FileRange range,
+                                       MapAccess access) noexcept
+    : backend_(backend), range_(range), access_(access) {
   ++backend_->in_flight_;
 }
 BlockBackend::MappedRange::MappedRange(MappedRange&& other) noexcept
-    : backend_(std::exchange(other.backend_, nullptr)), range_(other.range_) {}
+    : backend_(std::exchange(other.backend_, nullptr)),
+      range_(other.range_),
+      access_(other.access_) {}
 BlockBackend::MappedRange& BlockBackend::MappedRange::operator=(MappedRange&& other) noexcept {
   if (this != &other) {
     release();
     backend_ = std::exchange(other.backend_, nullptr);
     range_ = other.range_;
+    access_ = other.access_;
   }
   return *this;
 }
@@ -112,20 +116,27 @@ BlockBackend::MappedRange::~MappedRange() { release(); }
 void BlockBackend::MappedRange::release() noexcept {
   if (backend_ == nullptr) return;
   BlockBackend& backend = *std::exchange(backend_, nullptr);
+  // The node is still attached: a mapping counts as in flight, and detaching needs a drain.
+  backend.root_->release_file(range_, access_);
   if (--backend.in_flight_ == 0 && backend.idle_.has_waiters()) backend.idle_.notify_all();
 }
 
-BlockBackend::MappedRange BlockBackend::map_read(uint64_t offset, uint64_t length) noexcept {
+BlockBackend::MappedRange BlockBackend::map(uint64_t offset, uint64_t length,
+                                            MapAccess access) noexcept {
   if (check_range(offset, length) != 0) return {};
-  const FileRange range = root_->map_file(offset, length);
+  const FileRange range = root_->map_file(offset, length, access);
   if (range.fd < 0) return {};
-  return MappedRange(this, range);
+  return MappedRange(this, range, access);
+}
+
+BlockBackend::MappedRange BlockBackend::map_read(uint64_t offset, uint64_t length) noexcept {
+  return map(offset, length, MapAccess::kRead);
 }
 
 BlockBackend::MappedRange BlockBackend::map_write(uint64_t offset, uint64_t length,
                                                   uint32_t flags) noexcept {
   if (!(permissions() & kPermWrite) || writethrough_ || (flags & kRequestFua)) return {};
-  return map_read(offset, length);
+  return map(offset, length, MapAccess::kWrite);
 }
 
 Task<void> BlockBackend::drain() noexcept {

@@ -50,7 +50,8 @@ class BlockBackend final : public User {
   // A range of the node that the kernel reads or writes straight in a host file (see
   // Node::map_file), e.g. with sendfile or splice between the file and a socket. While it exists
   // it counts as a request in flight, so drain() waits for it and the node, with its descriptor,
-  // stays attached. Move-only; loop thread of the node.
+  // stays attached; its end hands the range back to the node (Node::release_file). Move-only;
+  // loop thread of the node.
   class MappedRange {
    public:
     MappedRange() = default;
@@ -63,10 +64,11 @@ class BlockBackend final : public User {
 
    private:
     friend class BlockBackend;
-    MappedRange(BlockBackend* backend, FileRange range) noexcept;
+    MappedRange(BlockBackend* backend, FileRange range, MapAccess access) noexcept;
     void release() noexcept;
     BlockBackend* backend_ = nullptr;
     FileRange range_;
+    MapAccess access_ = MapAccess::kRead;
   };
   // Maps a read of [offset, offset + length) onto a host file; an empty MappedRange when the range
   // is not in one (the caller reads through read() instead) or is out of bounds.
@@ -83,6 +85,7 @@ class BlockBackend final : public User {
  private:
   struct InFlight;
   int check_range(uint64_t offset, uint64_t length) const noexcept;
+  MappedRange map(uint64_t offset, uint64_t length, MapAccess access) noexcept;
 
   std::string description_;
   std::shared_ptr<Node> root_;

@@ -112,7 +112,9 @@ Task<BlockStatus> Node::block_status(uint64_t offset, uint64_t length) noexcept 
 
 Task<int64_t> Node::cache(uint64_t, uint64_t) noexcept { co_return 0; }
 
-FileRange Node::map_file(uint64_t, uint64_t) const noexcept { return {}; }
+FileRange Node::map_file(uint64_t, uint64_t, MapAccess) noexcept { return {}; }
+
+void Node::release_file(const FileRange&, MapAccess) noexcept {}
 
 // ---- Permissions.
 //

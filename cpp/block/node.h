@@ -64,6 +64,11 @@ struct FileRange {
   uint64_t offset = 0;
 };
 
+// What the caller of Node::map_file will do with the range. A write mapping promises more than a
+// read one: that writing the bytes in the file is all a write needs (no copy-on-write, no
+// metadata to update), for as long as the mapping lasts.
+enum class MapAccess { kRead, kWrite };
+
 class Node;
 
 // A use of a node: a parent node's Child edge or a BlockBackend. Holds permissions on the node.
@@ -172,8 +177,14 @@ class Node {
   // would block the loop), ranges beyond a child's end. Bytes past the end of the host file read
   // as zeroes: a caller that gets fewer bytes than asked supplies zeroes for the rest. The
   // descriptor belongs to the node and stays open while the node is attached, so the caller keeps
-  // its use busy (BlockBackend::MappedRange) until the transfer is over. Node's loop thread.
-  virtual FileRange map_file(uint64_t offset, uint64_t length) const noexcept;
+  // its use busy (BlockBackend::MappedRange) until the transfer is over. `access` says whether the
+  // kernel will read the bytes or write them (see MapAccess). A driver may hold something for
+  // the mapping's lifetime (qcow2 holds its metadata lock shared, so that no cluster under the
+  // mapping is freed or becomes shared meanwhile): every mapping with fd >= 0 is ended by exactly
+  // one release_file with the same range and access. map_file never suspends. Node's loop thread.
+  virtual FileRange map_file(uint64_t offset, uint64_t length, MapAccess access) noexcept;
+  // Ends a mapping that map_file granted. Default: nothing to release.
+  virtual void release_file(const FileRange& range, MapAccess access) noexcept;
   // Changes the node's size to `size` bytes (the driver may round it up, as QEMU keeps sizes in
   // 512-byte sectors); new space reads as zeroes. The caller must hold the resize permission.
   // Default: -ENOTSUP (the driver cannot change its size).

@@ -87,7 +87,7 @@ class FileNode final : public block::Node {
   Task<int64_t> write_zeroes(uint64_t offset, uint64_t length, uint32_t flags) noexcept override;
   Task<BlockStatus> block_status(uint64_t offset, uint64_t length) noexcept override;
   // Only files in memory without O_DIRECT: anywhere else a transfer could wait for the disk.
-  block::FileRange map_file(uint64_t offset, uint64_t) const noexcept override {
+  block::FileRange map_file(uint64_t offset, uint64_t, block::MapAccess) noexcept override {
     if (!inline_io_ || alignment_ != 1) return {};
     return {fd_, offset};
   }

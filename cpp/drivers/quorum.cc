@@ -353,8 +353,18 @@ Task<int64_t> QuorumNode::read_fifo(uint64_t offset, uint64_t length, void* buff
 Task<bool> QuorumNode::read_mapped(uint64_t offset, uint64_t length, char* buffer) {
   const size_t count = children().size();
   ChildArray<block::FileRange> ranges(count);
+  // Every mapping granted is handed back on the way out (a qcow2 child holds its lock meanwhile).
+  struct Release {
+    QuorumNode& node;
+    ChildArray<block::FileRange>& ranges;
+    ~Release() {
+      for (size_t i = 0; i < ranges.size(); ++i) {
+        if (ranges[i].fd >= 0) node.child_node(i).release_file(ranges[i], block::MapAccess::kRead);
+      }
+    }
+  } release{*this, ranges};
   for (size_t i = 0; i < count; ++i) {
-    ranges[i] = child_node(i).map_file(offset, length);
+    ranges[i] = child_node(i).map_file(offset, length, block::MapAccess::kRead);
     if (ranges[i].fd < 0) co_return false;
   }
   const uint64_t chunk_size = std::min(length, kCompareChunk);

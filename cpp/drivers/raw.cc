@@ -57,9 +57,14 @@ class RawNode final : public block::Node {
 
   // Raw passes bytes through unchanged: a range that lies wholly within the child maps to where
   // the child has it.
-  block::FileRange map_file(uint64_t offset, uint64_t length) const noexcept override {
+  block::FileRange map_file(uint64_t offset, uint64_t length,
+                            block::MapAccess access) noexcept override {
     if (!in_bounds(offset, length) || readable_length(offset, length) < length) return {};
-    return file().map_file(offset_ + offset, length);
+    return file().map_file(offset_ + offset, length, access);
+  }
+  // The range is the child's own: it ends the mapping it granted.
+  void release_file(const block::FileRange& range, block::MapAccess access) noexcept override {
+    file().release_file(range, access);
   }
 
   Task<int64_t> write(uint64_t offset, uint64_t length, const void* buffer,

@@ -234,32 +234,32 @@ TEST_F(RawTest, MapsReadsOntoFilesInMemoryOnly) {
     close(fd);
   }
   auto file = file_node(in_memory);
-  const block::FileRange whole = file->map_file(12345, 65536);
+  const block::FileRange whole = file->map_file(12345, 65536, block::MapAccess::kRead);
   ASSERT_GE(whole.fd, 0);
   EXPECT_EQ(whole.offset, 12345u);
 
   // A raw window shifts the range and refuses what leaves it.
   auto window = raw({.offset = 4096, .size = 65536}, file);
   ASSERT_TRUE(window.has_value());
-  EXPECT_EQ((*window)->map_file(512, 4096).fd, whole.fd);
-  EXPECT_EQ((*window)->map_file(512, 4096).offset, 4096u + 512);
-  EXPECT_EQ((*window)->map_file(65536 - 512, 1024).fd, -1);
+  EXPECT_EQ((*window)->map_file(512, 4096, block::MapAccess::kRead).fd, whole.fd);
+  EXPECT_EQ((*window)->map_file(512, 4096, block::MapAccess::kRead).offset, 4096u + 512);
+  EXPECT_EQ((*window)->map_file(65536 - 512, 1024, block::MapAccess::kRead).fd, -1);
   // An unaligned offset rounds the node up past the file's end: that tail is not in the file.
   auto unaligned = raw({.offset = 100}, file);
   ASSERT_TRUE(unaligned.has_value());
-  EXPECT_EQ((*unaligned)->map_file(0, (1 << 20) - 100).offset, 100u);
-  EXPECT_EQ((*unaligned)->map_file(0, 1 << 20).fd, -1);
+  EXPECT_EQ((*unaligned)->map_file(0, (1 << 20) - 100, block::MapAccess::kRead).offset, 100u);
+  EXPECT_EQ((*unaligned)->map_file(0, 1 << 20, block::MapAccess::kRead).fd, -1);
 
   // Files on disks (a transfer could wait for the device), worker threads, forced alignment.
-  EXPECT_EQ(file_node()->map_file(0, 4096).fd, -1);
+  EXPECT_EQ(file_node()->map_file(0, 4096, block::MapAccess::kRead).fd, -1);
   FileOptions threads{.filename = in_memory, .aio = FileOptions::Aio::kThreads, .locking = FileOptions::Locking::kOff};
   auto threaded = open_file_node(block::NodeOptions{.node_name = "t"}, threads, *loop_);
   ASSERT_TRUE(threaded.has_value());
-  EXPECT_EQ((*threaded)->map_file(0, 4096).fd, -1);
+  EXPECT_EQ((*threaded)->map_file(0, 4096, block::MapAccess::kRead).fd, -1);
   FileOptions aligned{.filename = in_memory, .locking = FileOptions::Locking::kOff, .TEST_request_alignment = 4096};
   auto forced = open_file_node(block::NodeOptions{.node_name = "a"}, aligned, *loop_);
   ASSERT_TRUE(forced.has_value());
-  EXPECT_EQ((*forced)->map_file(0, 4096).fd, -1);
+  EXPECT_EQ((*forced)->map_file(0, 4096, block::MapAccess::kRead).fd, -1);
 
   // Through a backend: bounds are checked, and a mapped read counts as in flight until released.
   block::BlockBackend backend("block export 'exp0'");
