@@ -644,6 +644,84 @@ Task<BlockStatus> Qcow2Node::block_status(uint64_t offset, uint64_t length) noex
   co_return below;
 }
 
+// ---- Data path: ranges handed to the kernel (Node::map_file)
+//
+// The NBD export moves large reads from the image file to the socket with sendfile and large
+// write payloads from the socket into the file with splice, when map_file says where the bytes
+// are. Why what map_file grants is what read() and write() would do:
+//
+// What may be mapped. Only kNormal clusters: their host bytes are the guest's bytes. Zero
+// clusters (even with preallocated space, which may hold stale bytes), unallocated ones (backing
+// file or zeroes), compressed ones and a range whose clusters are not stored one after another
+// give fd -1, and the caller takes the buffered path.
+//
+// Writes. A mapped write bypasses write(), so it is allowed only where write() itself would just
+// write the bytes in place under the shared lock: writable_in_place (L1 and L2 entries COPIED,
+// i.e. the table and the cluster have refcount 1, and the cluster is no metadata). Such a write
+// updates no metadata: no refcount, no L2 entry, no flag. blockd never sets the dirty bit (it
+// keeps refcounts exact even with lazy-refcounts), so there is no header to update either. A
+// cluster shared with a snapshot needs copy-on-write: not mappable for writing until a buffered
+// write has copied it (the copy is then COPIED and mappable).
+//
+// For how long. A mapping is used after map_file returns, while other requests run (the transfer
+// waits for the socket), so it holds the node lock shared until release_file. Everything that
+// could free a mapped cluster, make it shared or reuse it takes the lock exclusively and so waits
+// for the mapping to end: discard, write-zeroes, flush (which applies deferred refcount
+// decrements), snapshot create, delete and revert, and the planning step of allocating writes
+// (the only place clusters are allocated). Allocating writes planned earlier finish without the
+// lock, but they write only into clusters they allocated (a mapped cluster is referenced, so it
+// is not among them), and the references they drop are decremented only at a later flush. Their
+// guest clusters are never COPIED normal clusters while the allocation is in flight, so a write
+// mapping cannot cover one; a read mapping of one shows the old, still valid, host cluster.
+//
+// Without blocking. The lock is taken only if that needs no wait (with writers preferred, a
+// waiting exclusive holder makes map_file fail rather than wait or starve it), and L2 entries
+// come only from the cache; anything else gives fd -1.
+//
+// The price: a client that stops reading its replies or trickles a write payload delays this
+// node's exclusive operations (flushes of other clients included) until its transfer ends or
+// the connection drops, as it already delays a drain of the export.
+
+int64_t Qcow2Node::contiguous_host_run(uint64_t offset, uint64_t length, bool write) noexcept {
+  const uint64_t first = offset >> cluster_bits_;
+  const uint64_t last = (offset + length - 1) >> cluster_bits_;
+  uint64_t base = 0;
+  for (uint64_t cluster = first; cluster <= last; ++cluster) {
+    uint64_t entry;
+    if (lookup_cached(cluster, entry) != 1) return -1;  // not cached, or corrupt
+    if (classify_l2_entry(entry, header_.version) != ClusterKind::kNormal) return -1;
+    if (write && !writable_in_place(cluster)) return -1;
+    const uint64_t host = entry & kOffsetMask;
+    if (cluster == first) {
+      base = host;
+    } else if (host != base + ((cluster - first) << cluster_bits_)) {
+      return -1;
+    }
+  }
+  return static_cast<int64_t>(base + offset_in_cluster(offset));
+}
+
+block::FileRange Qcow2Node::map_file(uint64_t offset, uint64_t length,
+                                     block::MapAccess access) noexcept {
+  const bool write = access == block::MapAccess::kWrite;
+  if (length == 0 || offset > header_.size || length > header_.size - offset) return {};
+  if (write && read_only()) return {};
+  if (!lock_.try_lock_shared()) return {};
+  const int64_t host = contiguous_host_run(offset, length, write);
+  block::FileRange range;
+  if (host >= 0) range = file().map_file(static_cast<uint64_t>(host), length, access);
+  if (range.fd < 0) {
+    lock_.unlock_shared();
+    return {};
+  }
+  return range;
+}
+
+void Qcow2Node::release_file(const block::FileRange& range, block::MapAccess access) noexcept {
+  file().release_file(range, access);
+  lock_.unlock_shared();
+}
+
 // ---- Refcounts
 
 Task<int> Qcow2Node::refblock_for(uint64_t cluster_index, bool create, TablePtr& out) noexcept {

@@ -3,7 +3,9 @@
 // Concurrency: all I/O of a node runs on its loop, as coroutines. Requests that only read the
 // mapping (reads, and writes into clusters the image already owns exclusively, COPIED) hold the
 // lock shared; anything that changes metadata (discard, write-zeroes, flush, snapshots) holds it
-// exclusively for its whole duration, so a reader never sees a half-made change.
+// exclusively for its whole duration, so a reader never sees a half-made change. A range mapped
+// onto the image file (map_file) holds it shared until it is released, since the kernel reads or
+// writes those clusters meanwhile.
 //
 // Allocating writes (and copy-on-write) hold the lock exclusively only to plan: they allocate
 // host clusters (refcount 1, in the cache), mark the guest clusters as "allocating" and pin their
@@ -167,6 +169,12 @@ class Qcow2Node final : public block::Node, public Qcow2Snapshots {
   Task<int64_t> discard(uint64_t offset, uint64_t length) noexcept override;
   Task<int64_t> write_zeroes(uint64_t offset, uint64_t length, uint32_t flags) noexcept override;
   Task<block::BlockStatus> block_status(uint64_t offset, uint64_t length) noexcept override;
+  // One run of normal clusters stored contiguously, whose L2 entries are cached; for writing,
+  // only clusters this image owns exclusively (COPIED). Holds the lock shared until
+  // release_file (see qcow2.cc for why that makes it safe).
+  block::FileRange map_file(uint64_t offset, uint64_t length,
+                            block::MapAccess access) noexcept override;
+  void release_file(const block::FileRange& range, block::MapAccess access) noexcept override;
 
   // ---- Qcow2Snapshots (snapshot.cc)
   std::vector<SnapshotEntry> snapshots() const override { return snapshots_; }
@@ -215,6 +223,10 @@ class Qcow2Node final : public block::Node, public Qcow2Snapshots {
   // The same without suspending: 1 with `entry` set, 0 if the L2 table must be read first (then
   // call lookup), or -EIO.
   int lookup_cached(uint64_t guest_cluster, uint64_t& entry) noexcept;
+  // The host offset of guest [offset, offset + length) if it is one contiguous run of normal
+  // clusters whose entries are cached (and, for `write`, writable in place), else -1. Shared
+  // lock held; never suspends.
+  int64_t contiguous_host_run(uint64_t offset, uint64_t length, bool write) noexcept;
   // Whether guest_cluster can be written in place under the shared lock (its L2 table cached,
   // the table and the cluster owned exclusively: COPIED).
   bool writable_in_place(uint64_t guest_cluster) noexcept;

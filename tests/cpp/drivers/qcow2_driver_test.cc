@@ -3,6 +3,9 @@
 #include "drivers/qcow2/qcow2.h"
 
 #include <gtest/gtest.h>
+#include <linux/magic.h>
+#include <sys/statfs.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -11,6 +14,7 @@
 #include <random>
 #include <vector>
 
+#include "block/backend.h"
 #include "drivers/blkdebug.h"
 #include "drivers/file.h"
 #include "drivers/raw.h"
@@ -488,6 +492,119 @@ TEST_F(Qcow2DriverTest, ConcurrentAllocationsMatchReference) {
   node->reset();
   EXPECT_EQ(check(path_), "");
   EXPECT_EQ(compare_with(reference), "");
+}
+
+
+// Ranges the NBD export may hand to the kernel (Node::map_file): one contiguous run of normal
+// clusters whose L2 entries are cached; for writing only clusters the image owns alone. The
+// mapping holds the node lock shared, so operations that free or share clusters wait for it.
+TEST_F(Qcow2DriverTest, MapsContiguousNormalClustersOnly) {
+  struct statfs fs {};
+  if (statfs("/dev/shm", &fs) != 0 || static_cast<unsigned long>(fs.f_type) != TMPFS_MAGIC) {
+    GTEST_SKIP() << "/dev/shm is not a tmpfs here";
+  }
+  testing::TempDir shm("/dev/shm");
+  path_ = shm.file("m.qcow2");
+  constexpr uint64_t K = 1024, M = 1024 * 1024, C = 64 * K;
+  ASSERT_EQ(sh("qemu-img create -f qcow2 " + path_ + " 8M"), 0);
+  // 0..1M data (contiguous); 1M plain zero; 2M+64k written before 2M (discontinuous); 3M
+  // compressed; 4M zero with its space kept; 6M unallocated.
+  ASSERT_EQ(sh("qemu-io -c 'write -P 0x11 0 1M' -c 'write -z 1M 64k' -c 'write -P 0x22 2112k 64k'"
+               " -c 'write -P 0x33 2M 64k' -c 'write -c -P 0x44 3M 64k' -c 'write -P 0x55 4M 64k'"
+               " -c 'write -z 4M 64k' " + path_),
+            0);
+  Qcow2Options options;
+  auto node = open(path_, false, options);
+  ASSERT_TRUE(node.has_value()) << node.status().message();
+  block::Node& disk = **node;
+  constexpr auto kRead = block::MapAccess::kRead;
+  constexpr auto kWrite = block::MapAccess::kWrite;
+  // The L2 table is not cached yet: no mapping (it would need a read).
+  EXPECT_EQ(disk.map_file(0, M, kRead).fd, -1);
+  (void)read(disk, 0, 8 * M);
+
+  // A mapping shows exactly what read() returns, at any offset within the run.
+  auto expect_maps = [&](uint64_t offset, uint64_t length, block::MapAccess access) {
+    SCOPED_TRACE(std::to_string(offset) + "+" + std::to_string(length));
+    const block::FileRange range = disk.map_file(offset, length, access);
+    ASSERT_GE(range.fd, 0);
+    std::vector<uint8_t> in_file(length);
+    EXPECT_EQ(pread(range.fd, in_file.data(), length, static_cast<off_t>(range.offset)),
+              static_cast<ssize_t>(length));
+    EXPECT_EQ(in_file, read(disk, offset, length));
+    disk.release_file(range, access);
+  };
+  expect_maps(0, M, kRead);
+  expect_maps(4097, 200000, kRead);
+  expect_maps(2 * M, C, kRead);
+  expect_maps(2 * M + C, C, kRead);
+  expect_maps(0, M, kWrite);
+  // Not mappable: crossing into a zero cluster, zero, discontinuous, compressed, zero with space
+  // kept, unallocated, empty, out of bounds.
+  for (auto [offset, length] : std::vector<std::pair<uint64_t, uint64_t>>{
+           {M - 4096, 8192}, {M, C}, {2 * M, 2 * C}, {2 * M + C - 100, 200}, {3 * M, C},
+           {4 * M, C}, {6 * M, C}, {0, 0}, {8 * M - 4096, 8192}}) {
+    EXPECT_EQ(disk.map_file(offset, length, kRead).fd, -1) << offset << "+" << length;
+    EXPECT_EQ(disk.map_file(offset, length, kWrite).fd, -1) << offset << "+" << length;
+  }
+
+  // A write through the mapping is what later reads return.
+  {
+    const block::FileRange range = disk.map_file(100000, 300000, kWrite);
+    ASSERT_GE(range.fd, 0);
+    const auto data = pattern(300000, 9);
+    ASSERT_EQ(pwrite(range.fd, data.data(), data.size(), static_cast<off_t>(range.offset)),
+              static_cast<ssize_t>(data.size()));
+    disk.release_file(range, kWrite);
+    EXPECT_EQ(read(disk, 100000, 300000), data);
+  }
+
+  // While a mapping lasts, operations that could free or share its clusters wait (here a
+  // snapshot, through a backend whose MappedRange ends the mapping), and new mappings are refused
+  // to a waiting snapshot rather than delaying it further.
+  block::BlockBackend backend("block export 'exp0'");
+  ASSERT_TRUE(backend.attach(*node, block::kPermConsistentRead | block::kPermWrite, block::kPermAll));
+  auto mapped = backend.map_write(0, M, 0);
+  ASSERT_TRUE(mapped);
+  const uint64_t before = mapped.file_offset();
+  int snapshot = 1;
+  loop_->spawn([](block::Node& n, int& out) -> Task<void> {
+    out = co_await qcow2_snapshots(n)->create_snapshot("s1");
+  }(disk, snapshot));
+  EXPECT_EQ(snapshot, 1) << "the snapshot did not wait for the mapping";
+  EXPECT_FALSE(backend.map_read(0, M));
+  mapped = {};
+  loop_->run_until([&] { return snapshot != 1; });
+  ASSERT_EQ(snapshot, 0);
+  EXPECT_EQ(backend.in_flight(), 0u);
+
+  // Now shared with the snapshot: readable in place, but a write needs copy-on-write first.
+  (void)read(disk, 0, M);  // the snapshot may have given the active L1 new L2 tables
+  expect_maps(0, M, kRead);
+  EXPECT_FALSE(backend.map_write(0, M, 0));
+  EXPECT_EQ(disk.map_file(0, C, kWrite).fd, -1);
+  write(disk, 0, pattern(2 * C, 3));  // copies two clusters: those are owned again
+  expect_maps(0, 2 * C, kWrite);
+  {
+    const block::FileRange copied = disk.map_file(0, C, kRead);
+    ASSERT_GE(copied.fd, 0);
+    EXPECT_NE(copied.offset, before);
+    disk.release_file(copied, kRead);
+  }
+  EXPECT_EQ(disk.map_file(0, 3 * C, kWrite).fd, -1);
+  backend.detach();
+
+  ASSERT_EQ(run(*loop_, disk.flush()), 0);
+  node->reset();
+  EXPECT_EQ(check(path_), "");
+  // A read-only node maps reads only.
+  auto read_only = open(path_, true);
+  ASSERT_TRUE(read_only.has_value()) << read_only.status().message();
+  (void)read(**read_only, 0, M);
+  EXPECT_EQ((*read_only)->map_file(0, C, kWrite).fd, -1);
+  const block::FileRange range = (*read_only)->map_file(0, C, kRead);
+  EXPECT_GE(range.fd, 0);
+  (*read_only)->release_file(range, kRead);
 }
 
 }  // namespace
