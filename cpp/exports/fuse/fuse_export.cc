@@ -6,16 +6,17 @@
 // READ, WRITE, FSYNC (flush), FALLOCATE, LSEEK (SEEK_DATA/SEEK_HOLE from block status). The rest
 // gets libfuse's default replies (ENOSYS, or success for RELEASE and the like).
 //
-// Request flow. libfuse mounts and handles INIT, but the requests are read here: kReaders reader
-// coroutines on the export's loop each keep one io_uring read of /dev/fuse in flight, into a
-// buffer of its own ("slot"). /dev/fuse has no FMODE_NOWAIT but can be polled, so io_uring arms a
-// poll and performs the read from task work on the loop thread once a request is pending (a read
-// that then finds the queue empty again, because another reader took the request, goes on
-// blocking on one of the ring's worker threads). A wake-up thus hands the loop as many requests as
-// are pending, up to kReaders. Each request is handed to libfuse's decoder
-// (fuse_session_process_buf), which calls the handlers below; those that need the node start a
-// coroutine that replies when the node has answered, and keep the slot while they run. So up to
-// max_requests_in_flight requests proceed at once, with no lock and no thread of our own.
+// Request flow. libfuse mounts and handles INIT, but the requests are read here, by one reader
+// coroutine on the export's loop: /dev/fuse is made non-blocking, and the reader reads every
+// pending request (up to kReadBatch at a time) with plain read(2) calls, each into a buffer of its
+// own ("slot"), then waits for more with one io_uring poll. So one wake-up hands the loop every
+// request that has queued up meanwhile, for one poll and one read(2) per request, without worker
+// threads (an io_uring read of /dev/fuse, which has no FMODE_NOWAIT, costs a poll of its own per
+// request, and blocks a worker thread when another read took the request first). Each request is
+// handed to libfuse's decoder (fuse_session_process_buf), which calls the handlers below; those
+// that need the node start a coroutine that replies when the node has answered, and keep the slot
+// while they run. So up to max_requests_in_flight requests proceed at once, with no lock and no
+// thread of our own.
 //
 // Replies. READ and WRITE replies are written to /dev/fuse through io_uring too, not with a
 // write(2) each: the replies of one loop iteration then reach the kernel in one io_uring_enter,
@@ -34,6 +35,7 @@
 
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
+#include <poll.h>
 #include <linux/fuse.h>
 #include <signal.h>
 #include <spawn.h>
@@ -61,6 +63,8 @@ constexpr size_t kWriteHeader = sizeof(fuse_in_header) + sizeof(fuse_write_in);
 // What one read(2) of /dev/fuse may return: the kernel needs room for a header plus max_write.
 constexpr size_t kRequestRoom = FuseExport::kMaxTransfer + kPage;
 constexpr size_t kSlotBytes = FuseExport::kMaxTransfer + 2 * kPage;
+// Requests the reader takes from /dev/fuse in one go before it lets the loop run other work.
+constexpr size_t kReadBatch = 32;
 // How long the kernel may cache the file's attributes. Every change goes through this export,
 // whose replies update the kernel's copy, so caching them is safe.
 constexpr double kAttrTimeout = 1.0;
@@ -408,8 +412,8 @@ Expected<std::shared_ptr<FuseExport>> FuseExport::create(Loop& loop,
     created->backend_->detach();
     return mounted;
   }
-  created->readers_ = kReaders;
-  for (size_t index = 0; index < kReaders; ++index) loop.spawn(created->reader(index));
+  created->reading_ = true;
+  loop.spawn(created->reader());
   return created;
 }
 
@@ -429,6 +433,9 @@ Status FuseExport::mount(bool allow_other) {
   }
   session_ = session;
   fd_ = fuse_session_fd(session);
+  // The reader reads until EAGAIN (libfuse itself never reads: it only unmounts).
+  const int flags = fcntl(fd_, F_GETFL);
+  if (flags >= 0) (void)fcntl(fd_, F_SETFL, flags | O_NONBLOCK);
   mounted_ = true;
   start_watchdog();
   return Status::ok();
@@ -496,36 +503,48 @@ void FuseExport::release_slot(Slot* slot) noexcept {
   if (progress_.has_waiters()) progress_.notify_all();
 }
 
-Task<void> FuseExport::reader(size_t index) {
-  while (!stopping_) {
-    Slot* slot = take_slot();
-    if (slot == nullptr) {
-      // Every buffer is held by a request in flight (or memory ran out): wait for one.
-      co_await progress_.wait();
-      continue;
+Task<void> FuseExport::reader() {
+  bool connected = true;
+  while (connected && !stopping_) {
+    // Take the pending requests, at most kReadBatch, with non-blocking reads...
+    for (size_t taken = 0; taken < kReadBatch && !stopping_;) {
+      Slot* slot = take_slot();
+      if (slot == nullptr) {
+        // Every buffer is held by a request in flight (or memory ran out): wait for one.
+        co_await progress_.wait();
+        continue;
+      }
+      const ssize_t got = ::read(fd_, slot->request(), kRequestRoom);
+      if (got < 0) {
+        const int error = errno;
+        free_.push_back(slot);
+        // ENOENT: the request was interrupted before it could be read.
+        if (error == EINTR || error == ENOENT) continue;
+        // EAGAIN: none left. Else (ENODEV) the file system was unmounted, the connection ended.
+        connected = error == EAGAIN;
+        break;
+      }
+      ++taken;
+      current_ = slot;
+      current_taken_ = false;
+      fuse_buf buffer{};
+      buffer.mem = slot->request();
+      buffer.size = static_cast<size_t>(got);
+      fuse_session_process_buf(session_, &buffer);
+      if (!current_taken_) free_.push_back(slot);
+      current_ = nullptr;
+      if (fuse_session_exited(session_)) connected = false;
+      if (!connected) break;
     }
-    auto request = loop_.read(fd_, slot->request(), static_cast<unsigned>(kRequestRoom), 0);
-    pending_reads_[index] = &request;
-    const int got = co_await request;
-    pending_reads_[index] = nullptr;
-    if (got < 0) {
-      free_.push_back(slot);
-      if (stopping_) break;
-      // ENOENT: the request was interrupted before it could be read.
-      if (got == -EINTR || got == -ENOENT || got == -EAGAIN) continue;
-      break;  // ENODEV: the file system was unmounted and the connection ended
-    }
-    current_ = slot;
-    current_taken_ = false;
-    fuse_buf buffer{};
-    buffer.mem = slot->request();
-    buffer.size = static_cast<size_t>(got);
-    fuse_session_process_buf(session_, &buffer);
-    if (!current_taken_) free_.push_back(slot);
-    current_ = nullptr;
-    if (fuse_session_exited(session_)) break;
+    if (!connected || stopping_) break;
+    // ...then wait until there are more (at once when the batch stopped at its limit: the loop
+    // runs its other work in between).
+    auto readable = loop_.poll(fd_, POLLIN);
+    pending_poll_ = &readable;
+    (void)co_await readable;
+    pending_poll_ = nullptr;
   }
-  --readers_;
+  reading_ = false;
   progress_.notify_all();
 }
 
@@ -620,11 +639,9 @@ Task<void> FuseExport::shut_down() {
   // Processes that still hold the file open keep the connection alive after the unmount; they
   // lose it when /dev/fuse is closed below.
   stopping_ = true;
-  for (Completion* read : pending_reads_) {
-    if (read != nullptr) loop_.cancel(read);
-  }
+  if (pending_poll_ != nullptr) loop_.cancel(pending_poll_);
   progress_.notify_all();
-  while (readers_ > 0 || handlers_ > 0) co_await progress_.wait();
+  while (reading_ || handlers_ > 0) co_await progress_.wait();
   co_await backend_->drain();
   backend_->detach();
   fuse_session_destroy(session_);

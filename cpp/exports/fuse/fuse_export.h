@@ -84,8 +84,8 @@ class FuseExport final : public Export {
   // without unmounting it (SIGKILL, a crash). Nothing when fusermount3 is not installed.
   void start_watchdog() noexcept;
   void stop_watchdog() noexcept;
-  // One of kReaders coroutines that read requests from /dev/fuse and hand them to libfuse.
-  Task<void> reader(size_t index);
+  // Reads the requests from /dev/fuse and hands them to libfuse, until the export stops.
+  Task<void> reader();
   Slot* take_slot() noexcept;
   void release_slot(Slot* slot) noexcept;
   void fill_stat(struct stat& st) const noexcept;
@@ -122,10 +122,10 @@ class FuseExport final : public Export {
   bool current_taken_ = false;
   uint32_t handlers_ = 0;  // requests being answered by a coroutine
   Event progress_;         // a handler finished, a slot came free, or the reader stopped
-  // The reads of /dev/fuse in flight, one per reader; cancelled when the export shuts down.
-  static constexpr size_t kReaders = 16;
-  std::array<Completion*, kReaders> pending_reads_{};
-  size_t readers_ = 0;  // readers still running
+  // The reader's poll of /dev/fuse while it waits for requests; cancelled when the export shuts
+  // down.
+  Completion* pending_poll_ = nullptr;
+  bool reading_ = false;  // the reader is running
   bool stopping_ = false;
 
   // Resizes one at a time; plain allocation (fallocate mode 0) waits for in-flight writes and
