@@ -16,6 +16,8 @@ from __future__ import annotations
 import errno
 import json
 import random
+import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -172,6 +174,35 @@ def test_a_child_truncated_behind_the_engines_back_is_outvoted(quorum: Quorum) -
     assert quorum.events("QUORUM_REPORT_BAD") == [bad("c2", 6144, 8)]
     assert quorum.handle.pread(4096, 0) == quorum.original[:4096]
     assert quorum.engine.qmp("query-version")["qemu"]["major"] == 7
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img missing (qemu-utils)")
+def test_qcow2_children_are_compared_where_their_clusters_lie(quorum: Quorum) -> None:
+    # qcow2 children map reads of allocated clusters onto their image files (in memory: the fast
+    # path); a cluster corrupted in one image file is outvoted like a corrupt raw file.
+    images = [quorum.directory / f"c{i}.qcow2" for i in range(3)]
+    for path, image in zip(quorum.paths, images):
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(path), str(image)],
+                       check=True, capture_output=True)
+    extents = json.loads(subprocess.run(["qemu-img", "map", "--output=json", str(images[1])],
+                                        check=True, capture_output=True, text=True).stdout)
+    guest = 2 * MiB + 1000
+    host = next(e["offset"] + guest - e["start"] for e in extents
+                if e["data"] and e["start"] <= guest < e["start"] + e["length"])
+    children = [{"driver": "qcow2", "node-name": f"c{i}",
+                 "file": {"driver": "file", "filename": str(image)}} for i, image in enumerate(images)]
+    quorum.open(children)
+    for length in (4096, MiB):
+        assert quorum.handle.pread(length, 2 * MiB) == quorum.original[2 * MiB:2 * MiB + length]
+    assert quorum.events("QUORUM_REPORT_BAD") == []
+    with open(images[1], "r+b") as f:
+        f.seek(host)
+        f.write(b"\xee" * 100)
+    for length in (4096, MiB):
+        quorum.advance(1)
+        assert quorum.handle.pread(length, 2 * MiB) == quorum.original[2 * MiB:2 * MiB + length]
+        quorum.advance(1)
+        assert quorum.events("QUORUM_REPORT_BAD") == [bad("c1", 4096, length // 512)]
 
 
 def test_rewrite_corrupted_repairs_the_child(quorum: Quorum) -> None:
