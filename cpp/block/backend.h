@@ -61,6 +61,8 @@ class BlockBackend final : public User {
     explicit operator bool() const noexcept { return backend_ != nullptr; }
     int fd() const noexcept { return range_.fd; }
     uint64_t file_offset() const noexcept { return range_.offset; }
+    // The range's bytes in the node's mapping of the file, or null (FileRange::memory).
+    const uint8_t* memory() const noexcept { return range_.memory; }
 
    private:
     friend class BlockBackend;

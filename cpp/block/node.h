@@ -62,6 +62,11 @@ struct BlockStatus {
 struct FileRange {
   int fd = -1;
   uint64_t offset = 0;
+  // The same bytes in a read-only shared mapping of that file the node keeps, or null when it has
+  // none covering the whole range. Only for handing to the kernel (sendmsg, write): if another
+  // process shrinks the file, the kernel fails the transfer with EFAULT, while touching the memory
+  // here would raise SIGBUS.
+  const uint8_t* memory = nullptr;
 };
 
 // What the caller of Node::map_file will do with the range. A write mapping promises more than a
@@ -181,7 +186,8 @@ class Node {
   // kernel will read the bytes or write them (see MapAccess). A driver may hold something for
   // the mapping's lifetime (qcow2 holds its metadata lock shared, so that no cluster under the
   // mapping is freed or becomes shared meanwhile): every mapping with fd >= 0 is ended by exactly
-  // one release_file with the same range and access. map_file never suspends. Node's loop thread.
+  // one release_file with the same range and access. The same holds for the memory of a mapped
+  // range (FileRange::memory). map_file never suspends. Node's loop thread.
   virtual FileRange map_file(uint64_t offset, uint64_t length, MapAccess access) noexcept;
   // Ends a mapping that map_file granted. Default: nothing to release.
   virtual void release_file(const FileRange& range, MapAccess access) noexcept;

@@ -5,6 +5,7 @@
 #include <linux/falloc.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <linux/magic.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
@@ -57,6 +58,7 @@ class FileNode final : public block::Node {
       : Node(std::move(common)), file_options_(options), fd_(fd) {}
 
   ~FileNode() override {
+    if (mapping_ != nullptr) munmap(const_cast<uint8_t*>(mapping_), mapping_size_);
     // Closing the only descriptor of the open file description releases its image locks.
     if (fd_ >= 0) close(fd_);
   }
@@ -87,9 +89,13 @@ class FileNode final : public block::Node {
   Task<int64_t> write_zeroes(uint64_t offset, uint64_t length, uint32_t flags) noexcept override;
   Task<BlockStatus> block_status(uint64_t offset, uint64_t length) noexcept override;
   // Only files in memory without O_DIRECT: anywhere else a transfer could wait for the disk.
-  block::FileRange map_file(uint64_t offset, uint64_t, block::MapAccess) noexcept override {
+  block::FileRange map_file(uint64_t offset, uint64_t length, block::MapAccess) noexcept override {
     if (!inline_io_ || alignment_ != 1) return {};
-    return {fd_, offset};
+    block::FileRange range{fd_, offset};
+    if (offset <= mapped_length_ && length <= mapped_length_ - offset) {
+      range.memory = mapping_ + offset;
+    }
+    return range;
   }
   Task<int64_t> truncate(uint64_t size) noexcept override;
 
@@ -163,6 +169,8 @@ class FileNode final : public block::Node {
   uint64_t align_up(uint64_t value) const noexcept { return align_down(value + alignment_ - 1); }
 
   Status probe_alignment();
+  // Maps the first `length` bytes of the file (see mapping_).
+  void map_content(uint64_t length);
 
   FileOptions file_options_;
   int fd_;
@@ -179,6 +187,13 @@ class FileNode final : public block::Node {
   // context switches per request; a plain system call on the loop is cheaper. Sizes above
   // kMaxInlineTransfer still go through io_uring so that one request cannot stall the loop.
   bool inline_io_ = false;
+  // A file in memory is also mapped, read-only and shared, from open on (map_file hands out its
+  // bytes so that a small read goes from the page cache to a socket within the send, with no read
+  // system call and no copy through a buffer). [0, mapped_length_) is file content: the length at
+  // open, lowered when the node shrinks the file; a file grown later is read past it as usual.
+  const uint8_t* mapping_ = nullptr;
+  uint64_t mapping_size_ = 0;
+  uint64_t mapped_length_ = 0;
   bool use_lock_ = false;
   bool dsync_supported_ = true;
   uint32_t alignment_ = 1;         // offsets and lengths
@@ -226,6 +241,7 @@ Status FileNode::init() {
     memory_alignment_ = std::max(memory_alignment_, file_options_.TEST_request_alignment);
   }
   bounce_size_ = std::max<uint64_t>(kBounceSize, alignment_);
+  if (inline_io_ && alignment_ == 1 && length > 0) map_content(static_cast<uint64_t>(length));
 
   if (file_options_.locking != FileOptions::Locking::kOff) {
     // OFD locks work on almost every local file system; some network and FUSE file systems
@@ -239,6 +255,23 @@ Status FileNode::init() {
     use_lock_ = supported;
   }
   return Status::ok();
+}
+
+void FileNode::map_content(uint64_t length) {
+  // Mapped through a read-only descriptor of its own: a shared mapping of a descriptor open for
+  // writing counts as writable (mprotect could make it so), which would keep others from sealing
+  // a memfd against writes (F_SEAL_WRITE fails with EBUSY). The descriptor is an open file
+  // description of its own, without image locks (those are OFD locks on fd_), and is closed at
+  // once: the mapping keeps the file. Best effort: without a mapping (no /proc, address space,
+  // hugetlbfs sizes) reads take the usual path.
+  const std::string self = "/proc/self/fd/" + std::to_string(fd_);
+  const int reader = open(self.c_str(), O_RDONLY | O_CLOEXEC);
+  if (reader < 0) return;
+  void* address = mmap(nullptr, length, PROT_READ, MAP_SHARED, reader, 0);
+  close(reader);
+  if (address == MAP_FAILED) return;
+  mapping_ = static_cast<const uint8_t*>(address);
+  mapping_size_ = mapped_length_ = length;
 }
 
 Status FileNode::probe_alignment() {
@@ -654,6 +687,7 @@ Task<int64_t> FileNode::truncate(uint64_t size) noexcept {
   // metadata.
   if (ftruncate(fd_, static_cast<off_t>(size)) != 0) co_return -errno;
   if (size < data_extent_end_) data_extent_start_ = data_extent_end_ = 0;
+  mapped_length_ = std::min(mapped_length_, size);
   set_size(static_cast<int64_t>((size + kSectorSize - 1) / kSectorSize * kSectorSize));
   co_return 0;
 }

@@ -151,6 +151,40 @@ def test_short_file_reads_zeroes_past_its_end(session: Session, sock: str, shm: 
     h.shutdown()
 
 
+@pytest.mark.parametrize("structured", [True, False])
+def test_small_reads_from_the_mapping_follow_writes_and_survive_a_shrunk_file(
+        session: Session, sock: str, shm: Path, structured: bool) -> None:
+    """Reads below the sendfile threshold go out of the node's mapping of the file: they see
+    every write answered before them (through the export or into the file directly), and a file
+    shrunk by another process under a small read ends that connection (the kernel refuses the
+    transfer), not the server."""
+    image = shm / "small.raw"
+    data = bytearray(pattern(4 * MiB, seed=8))
+    image.write_bytes(data)
+    session.qmp("blockdev-add", driver="file", node_name="file0", filename=str(image))
+    session.qmp("blockdev-add", driver="raw", node_name="raw0", file="file0")
+    serve(session, sock, "raw0")
+    h = connect(sock, structured=structured, meta=False)
+    rng = random.Random(9)
+    for _ in range(200):
+        length = rng.choice([512, 4096, 4097, 8192, 32767])
+        start = rng.randrange(0, 4 * MiB - length)
+        if rng.random() < 0.3:
+            chunk = rng.randbytes(length)
+            h.pwrite(chunk, start)
+            data[start:start + length] = chunk
+        assert h.pread(length, start) == data[start:start + length], (start, length)
+    with open(image, "r+b") as f:  # another writer of the file
+        os.pwrite(f.fileno(), b"x" * 4096, MiB)
+    assert h.pread(4096, MiB) == b"x" * 4096
+    os.truncate(image, MiB)
+    with pytest.raises(nbd.Error):
+        h.pread(4096, 2 * MiB)
+    h = connect(sock, structured=structured, meta=False)
+    assert h.pread(4096, MiB - 4096) == bytes(data[MiB - 4096:MiB])
+    h.shutdown()
+
+
 def test_holes_stay_on_the_buffered_path_and_qcow2_reads_match(session: Session, sock: str,
                                                                 shm: Path) -> None:
     image = shm / "sparse.raw"

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <numeric>
+#include <cstring>
 #include <vector>
 
 #include "block/backend.h"
@@ -237,6 +238,16 @@ TEST_F(RawTest, MapsReadsOntoFilesInMemoryOnly) {
   const block::FileRange whole = file->map_file(12345, 65536, block::MapAccess::kRead);
   ASSERT_GE(whole.fd, 0);
   EXPECT_EQ(whole.offset, 12345u);
+  // The node keeps the file mapped: the range's bytes are there too, and follow writes.
+  ASSERT_NE(whole.memory, nullptr);
+  EXPECT_EQ(std::memcmp(whole.memory, image_.data() + 12345, 65536), 0);
+  const std::vector<char> fresh(4096, 0x5a);
+  EXPECT_EQ(run(*loop_, file->write(16384, fresh.size(), fresh.data(), 0)), 0);
+  EXPECT_EQ(std::memcmp(file->map_file(16384, 4096, block::MapAccess::kRead).memory, fresh.data(), fresh.size()), 0);
+  EXPECT_EQ(file->map_file(image_.size() - 4096, 4096, block::MapAccess::kRead).memory + 4096,
+            whole.memory - 12345 + image_.size());
+  // Past the file's end there is no mapping (the node's size may be rounded up beyond it).
+  EXPECT_EQ(file->map_file(image_.size() - 4096, 4097, block::MapAccess::kRead).memory, nullptr);
 
   // A raw window shifts the range and refuses what leaves it.
   auto window = raw({.offset = 4096, .size = 65536}, file);
@@ -244,6 +255,8 @@ TEST_F(RawTest, MapsReadsOntoFilesInMemoryOnly) {
   EXPECT_EQ((*window)->map_file(512, 4096, block::MapAccess::kRead).fd, whole.fd);
   EXPECT_EQ((*window)->map_file(512, 4096, block::MapAccess::kRead).offset, 4096u + 512);
   EXPECT_EQ((*window)->map_file(65536 - 512, 1024, block::MapAccess::kRead).fd, -1);
+  EXPECT_EQ((*window)->map_file(512, 4096, block::MapAccess::kRead).memory,
+            whole.memory - 12345 + 4096 + 512);
   // An unaligned offset rounds the node up past the file's end: that tail is not in the file.
   auto unaligned = raw({.offset = 100}, file);
   ASSERT_TRUE(unaligned.has_value());
