@@ -198,6 +198,41 @@ Loop::SleepAwaitable Loop::sleep(std::chrono::nanoseconds duration) {
   return awaitable;
 }
 
+void Loop::PollForAwaitable::await_suspend(std::coroutine_handle<> handle) noexcept {
+  waiter = handle;
+  complete = [](Completion* self, int res, unsigned) {
+    auto* op = static_cast<PollForAwaitable*>(self);
+    op->result = res;
+    op->waiter.resume();
+  };
+  // The poll and its timeout must reach the kernel in one submission to stay linked.
+  if (io_uring_sq_space_left(&loop->ring_) < 2) {
+    io_uring_submit(&loop->ring_);
+    loop->pending_submissions_ = 0;
+  }
+  io_uring_sqe* sqe = loop->get_sqe();
+  io_uring_prep_poll_add(sqe, fd, events);
+  io_uring_sqe_set_data(sqe, static_cast<Completion*>(this));
+  sqe->flags |= IOSQE_IO_LINK;
+  // The timeout cancels the poll (which then completes with -ECANCELED); its own completion
+  // resumes nothing and is not counted as work in flight.
+  io_uring_sqe* timer = loop->get_sqe();
+  io_uring_prep_link_timeout(timer, &timeout, 0);
+  io_uring_sqe_set_data(timer, nullptr);
+  --loop->in_flight_;
+}
+
+Loop::PollForAwaitable Loop::poll_for(int fd, unsigned events, std::chrono::nanoseconds timeout) {
+  PollForAwaitable awaitable;
+  awaitable.loop = this;
+  awaitable.fd = fd;
+  awaitable.events = events;
+  const auto count = timeout.count() < 0 ? 0 : timeout.count();
+  awaitable.timeout.tv_sec = count / 1'000'000'000;
+  awaitable.timeout.tv_nsec = count % 1'000'000'000;
+  return awaitable;
+}
+
 void Loop::cancel(Completion* target) {
   io_uring_sqe* sqe = get_sqe();
   io_uring_prep_cancel(sqe, target, 0);

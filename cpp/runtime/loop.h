@@ -169,6 +169,18 @@ class Loop {
     return submit([=](io_uring_sqe* sqe) { io_uring_prep_poll_add(sqe, fd, events); });
   }
 
+  // Like poll(), but gives up after `timeout`: yields the revents, or -ETIME when `fd` reported
+  // none of `events` in that time.
+  struct PollForAwaitable : Operation {
+    int fd;
+    unsigned events;
+    __kernel_timespec timeout;
+    bool await_ready() const noexcept { return false; }
+    void await_suspend(std::coroutine_handle<> handle) noexcept;
+    int await_resume() const noexcept { return result == -ECANCELED ? -ETIME : result; }
+  };
+  PollForAwaitable poll_for(int fd, unsigned events, std::chrono::nanoseconds timeout);
+
   // Suspends the calling task for `duration`. Yields 0 (or -ECANCELED when cancelled).
   struct SleepAwaitable : Operation {
     __kernel_timespec timeout;

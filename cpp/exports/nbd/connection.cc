@@ -21,6 +21,11 @@
 // (FileRange::memory) in the sendmsg that carries its header: no read system call. Once a read's
 // header is on the wire, a failed transfer (the file shrunk by another process: EFAULT) can only
 // end the connection, as proto.md requires of a reply that cannot be completed.
+//
+// A mapping may hold its node busy (a qcow2 node cannot flush, discard or snapshot meanwhile), so
+// a client must not keep one alive by not reading or by trickling a payload: after kStallGrace
+// without progress, the waiting reads are copied into buffers and their mappings end, and a write
+// payload is finished through a buffer and the ordinary write path.
 #include "exports/nbd/connection.h"
 
 #include <netinet/in.h>
@@ -33,12 +38,54 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 
 #include "runtime/hop.h"
 
 namespace blockd::exports::nbd {
+
+namespace {
+
+// How long a transfer between a mapped file and the socket may make no progress before the
+// mapping is given up. A client that reads its replies empties a full send buffer within
+// microseconds to a few milliseconds, so this only catches clients that stopped (or nearly).
+constexpr std::chrono::milliseconds kStallGrace{50};
+
+// Reads [offset, offset + length) of `fd` into `out`, zeroes past the file's end. 0, or a
+// negative errno.
+int read_whole(int fd, uint8_t* out, uint64_t length, uint64_t offset) noexcept {
+  uint64_t done = 0;
+  while (done < length) {
+    const ssize_t got = ::pread(fd, out + done, static_cast<size_t>(length - done),
+                                static_cast<off_t>(offset + done));
+    if (got > 0) {
+      done += static_cast<uint64_t>(got);
+    } else if (got == 0) {
+      std::memset(out + done, 0, static_cast<size_t>(length - done));
+      break;
+    } else if (errno != EINTR) {
+      return -errno;
+    }
+  }
+  return 0;
+}
+
+// Moves `iov` (of `count` entries) past `sent` bytes.
+void advance(iovec*& iov, int& count, size_t sent) noexcept {
+  while (count > 0 && sent >= iov->iov_len) {
+    sent -= iov->iov_len;
+    ++iov;
+    --count;
+  }
+  if (count > 0) {
+    iov->iov_base = static_cast<uint8_t*>(iov->iov_base) + sent;
+    iov->iov_len -= sent;
+  }
+}
+
+}  // namespace
 
 // ---- Buffers.
 
@@ -177,18 +224,55 @@ Task<bool> Connection::send_all(iovec* iov, int count) {
       if (sent == -EINTR || sent == -EAGAIN) continue;
       co_return false;
     }
-    size_t left = static_cast<size_t>(sent);
-    while (count > 0 && left >= iov->iov_len) {
-      left -= iov->iov_len;
-      ++iov;
-      --count;
-    }
-    if (count > 0) {
-      iov->iov_base = static_cast<uint8_t*>(iov->iov_base) + left;
-      iov->iov_len -= left;
-    }
+    advance(iov, count, static_cast<size_t>(sent));
   }
   co_return true;
+}
+
+Task<bool> Connection::send_out(iovec* iov, int count) {
+  while (count > 0) {
+    msghdr message{};
+    message.msg_iov = iov;
+    message.msg_iovlen = static_cast<size_t>(std::min(count, IOV_MAX));
+    // Through the ring, as send_all (the writer suspends here, so replies enqueued meanwhile join
+    // the next batch), but with MSG_DONTWAIT: a full socket answers -EAGAIN instead of waiting.
+    const int sent = co_await loop_->sendmsg(fd_, &message, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (sent < 0) {
+      if (sent == -EINTR) continue;
+      if (sent != -EAGAIN || !co_await wait_for_room()) co_return false;
+      continue;
+    }
+    advance(iov, count, static_cast<size_t>(sent));
+  }
+  co_return true;
+}
+
+Task<bool> Connection::wait_for_room() {
+  if (!send_stalled_) {
+    const int ready = co_await loop_->poll_for(fd_, POLLOUT, kStallGrace);
+    if (ready != -ETIME) co_return ready >= 0 || ready == -EINTR;
+    // The client has taken nothing for a while: copy out every reply still holding a mapping
+    // (later ones are copied as they come, see SendAwaiter) and wait as long as it takes.
+    send_stalled_ = true;
+    for (PendingReply* reply : sending_) unmap_reply(*reply);
+    for (PendingReply* reply = queue_head_; reply != nullptr; reply = reply->next) {
+      unmap_reply(*reply);
+    }
+  }
+  const int ready = co_await loop_->poll(fd_, POLLOUT);
+  co_return ready >= 0 || ready == -EINTR;
+}
+
+void Connection::unmap_reply(PendingReply& reply) noexcept {
+  // A small read whose iovec points into the node's mapping keeps it (only file ranges move).
+  if (!reply.mapped || reply.file_fd < 0) return;
+  Buffer copy(reply.file_length);
+  if (!copy || read_whole(reply.file_fd, copy.data(), reply.file_length, reply.file_offset) != 0) {
+    mark_broken();
+    return;
+  }
+  reply.copy = std::move(copy);
+  reply.mapped = {};
 }
 
 Task<bool> Connection::send_bytes(const void* data, size_t length) {
@@ -196,29 +280,41 @@ Task<bool> Connection::send_bytes(const void* data, size_t length) {
   co_return co_await send_all(&iov, 1);
 }
 
-Task<bool> Connection::send_file(const PendingReply& reply) {
+Task<bool> Connection::send_file(PendingReply& reply) {
   auto position = static_cast<off_t>(reply.file_offset);
   uint64_t left = reply.file_length;
   while (left > 0) {
+    if (reply.copy) {
+      // The mapping ended while the client stalled: the rest comes from the copy.
+      iovec iov{reply.copy.data() + (reply.file_length - left), static_cast<size_t>(left)};
+      co_return co_await send_out(&iov, 1);
+    }
+    // The socket is blocking (the loop's operations wait in the kernel), but sendfile must not
+    // wait for a client that does not read: O_NONBLOCK for the call only, so that operations
+    // submitted meanwhile keep waiting in the kernel.
+    const int flags = ::fcntl(fd_, F_GETFL);
+    if (flags < 0 || ::fcntl(fd_, F_SETFL, flags | O_NONBLOCK) != 0) co_return false;
     const ssize_t sent =
         ::sendfile(fd_, reply.file_fd, &position, std::min<uint64_t>(left, kMaxPayload));
+    const int saved = errno;
+    (void)::fcntl(fd_, F_SETFL, flags);
+    errno = saved;
     if (sent > 0) {
       left -= static_cast<uint64_t>(sent);
       continue;
     }
     if (sent == 0) break;  // the end of the file
     if (errno == EINTR) continue;
-    if (errno != EAGAIN) co_return false;
     // The socket buffer is full: wait until the client makes room (an error shows in the retry).
-    const int ready = co_await loop_->poll(fd_, POLLOUT);
-    if (ready < 0 && ready != -EINTR) co_return false;
+    if (errno != EAGAIN || !co_await wait_for_room()) co_return false;
   }
   // The file is shorter than the node (its size is rounded up to a sector, or the file shrank
   // under us): as in a read, the rest is zeroes.
   static const uint8_t zeroes[64u << 10] = {};
   while (left > 0) {
     const size_t chunk = static_cast<size_t>(std::min<uint64_t>(left, sizeof zeroes));
-    if (!co_await send_bytes(zeroes, chunk)) co_return false;
+    iovec iov{const_cast<uint8_t*>(zeroes), chunk};
+    if (!co_await send_out(&iov, 1)) co_return false;
     left -= chunk;
   }
   co_return true;
@@ -238,8 +334,9 @@ bool Connection::ensure_pipe() noexcept {
 }
 
 Task<bool> Connection::receive_into_file(int file_fd, uint64_t file_offset, uint64_t length,
-                                         int& file_error) {
+                                         int& file_error, uint64_t& received) {
   file_error = 0;
+  received = 0;
   auto position = static_cast<off64_t>(file_offset);
   // The start of the payload may have come in with the request header.
   const size_t buffered =
@@ -258,6 +355,7 @@ Task<bool> Connection::receive_into_file(int file_fd, uint64_t file_offset, uint
   }
   receive_start_ += buffered;
   position += static_cast<off64_t>(buffered);
+  received = buffered;
   uint64_t left = length - buffered;
   if (left == 0) co_return true;
   receive_start_ = receive_end_ = 0;
@@ -271,7 +369,8 @@ Task<bool> Connection::receive_into_file(int file_fd, uint64_t file_offset, uint
       // The pipe is empty here, so EAGAIN means the socket has nothing yet.
       if (errno != EAGAIN) co_return false;
       reader_idle();
-      const int ready = co_await loop_->poll(fd_, POLLIN);
+      const int ready = co_await loop_->poll_for(fd_, POLLIN, kStallGrace);
+      if (ready == -ETIME) co_return true;  // a stalled client: the caller takes over
       if (ready < 0 && ready != -EINTR) co_return false;
       reader_busy_ = true;
       continue;
@@ -299,6 +398,7 @@ Task<bool> Connection::receive_into_file(int file_fd, uint64_t file_offset, uint
       }
       in_pipe -= static_cast<size_t>(moved);
     }
+    received = length - left;
   }
   co_return true;
 }
@@ -601,6 +701,8 @@ Task<bool> Connection::handshake() {
 void Connection::SendAwaiter::await_suspend(std::coroutine_handle<> handle) noexcept {
   reply->waiter = handle;
   reply->next = nullptr;
+  // The client is not reading: this reply must not wait on it with a mapping.
+  if (connection->send_stalled_) connection->unmap_reply(*reply);
   if (connection->queue_tail_) {
     connection->queue_tail_->next = reply;
   } else {
@@ -626,7 +728,7 @@ void Connection::reader_idle() noexcept {
 Task<void> Connection::writer() {
   // Reused from batch to batch: no allocation per reply.
   std::vector<iovec> iov;
-  std::vector<PendingReply*> batch;
+  std::vector<PendingReply*>& batch = sending_;
   std::vector<std::coroutine_handle<>> ready;
   while (true) {
     while (queue_head_ == nullptr && !writer_stop_) co_await queue_changed_.wait();
@@ -649,14 +751,15 @@ Task<void> Connection::writer() {
     for (PendingReply* reply : batch) {
       position += static_cast<size_t>(reply->count);
       if (reply->file_fd < 0 || broken_) continue;
-      if (!co_await send_all(iov.data() + sent_until, static_cast<int>(position - sent_until)) ||
+      if (!co_await send_out(iov.data() + sent_until, static_cast<int>(position - sent_until)) ||
           !co_await send_file(*reply)) {
         mark_broken();
       }
+      reply->mapped = {};  // its data is out
       sent_until = position;
     }
     if (!broken_ && sent_until < iov.size() &&
-        !co_await send_all(iov.data() + sent_until, static_cast<int>(iov.size() - sent_until))) {
+        !co_await send_out(iov.data() + sent_until, static_cast<int>(iov.size() - sent_until))) {
       mark_broken();
     }
     ready.clear();
@@ -664,6 +767,9 @@ Task<void> Connection::writer() {
       reply->sent = !broken_;
       ready.push_back(reply->waiter);
     }
+    batch.clear();
+    // Everything the client asked for is out: it reads again.
+    if (queue_head_ == nullptr) send_stalled_ = false;
     for (auto handle : ready) handle.resume();
   }
   writer_done_ = true;
@@ -713,24 +819,24 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
   const bool structured = mode != ReplyMode::kSimple;
   const uint64_t buffer_bytes = buffer.capacity();
 
-  // Holds the node busy while the writer sends a read straight from its file.
-  block::BlockBackend::MappedRange mapped;
   // A read's data in the node's mapping of its file (set by map_read); the caller adds it to the
   // reply after the headers.
   const uint8_t* mapped_data = nullptr;
+  // A read served from the node's file; not while the client is not reading its replies.
   auto map_read = [&](uint64_t offset, uint32_t length) {
-    mapped = backend.map_read(offset, length);
-    if (!mapped) return false;
+    if (c.send_stalled_) return false;
+    reply.mapped = backend.map_read(offset, length);
+    if (!reply.mapped) return false;
     if (length < kMappedReadThreshold) {
       // Too small for sendfile to pay, but when the node keeps its file mapped the bytes go from
       // the page cache to the socket in the sendmsg that carries the header: no read system call
       // (the whole difference to a null node at queue depth 1) and no copy through the buffer.
-      mapped_data = mapped.memory();
-      if (mapped_data == nullptr) mapped = {};
+      mapped_data = reply.mapped.memory();
+      if (mapped_data == nullptr) reply.mapped = {};
       return mapped_data != nullptr;
     }
-    reply.file_fd = mapped.fd();
-    reply.file_offset = mapped.file_offset();
+    reply.file_fd = reply.mapped.fd();
+    reply.file_offset = reply.mapped.file_offset();
     reply.file_length = length;
     return true;
   };
@@ -739,6 +845,7 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
     reply.count = 0;
     reply.bytes = 0;
     reply.file_fd = -1;
+    reply.mapped = {};
     // Extended headers allow no simple reply; with structured replies, reads and block status
     // must fail in a chunk (the client may expect one).
     if (mode == ReplyMode::kExtended ||
@@ -1077,11 +1184,32 @@ Task<void> Connection::transmission() {
         if (!co_await discard(payload_length)) break;
       } else if (mapped) {
         int file_error = 0;
+        uint64_t received = 0;
         if (!co_await receive_into_file(mapped.fd(), mapped.file_offset(), payload_length,
-                                        file_error)) {
+                                        file_error, received)) {
           break;
         }
-        written = true;
+        if (received == payload_length) {
+          written = true;
+        } else {
+          // The client stalled mid-payload. The mapping may hold the node, so it ends now: what
+          // came so far is read back from the file, the rest waits in a buffer and the request
+          // writes the whole payload the ordinary way.
+          if (file_error == 0) {
+            buffer = pool_.get(payload_length);
+            if (buffer) {
+              file_error = read_whole(mapped.fd(), buffer.data(), received, mapped.file_offset());
+            }
+          }
+          mapped = {};
+          const uint64_t rest = payload_length - received;
+          if (file_error != 0 || !buffer) {
+            buffer = {};
+            if (!co_await discard(rest)) break;
+          } else if (!co_await read_exact(buffer.data() + received, rest)) {
+            break;
+          }
+        }
         if (file_error != 0) error = errno_to_nbd(file_error);
       } else if (payload_length > 0) {
         buffer = pool_.get(payload_length);

@@ -86,6 +86,11 @@ class Connection : public std::enable_shared_from_this<Connection> {
     int file_fd = -1;
     uint64_t file_offset = 0;
     uint64_t file_length = 0;
+    // Keeps the file range valid (and, for some drivers, the node busy) until it is sent.
+    block::BlockBackend::MappedRange mapped;
+    // The file range copied out, once a stalled client made the writer end the mapping early;
+    // sent in its place.
+    Buffer copy;
     void add(const void* base, size_t length) {
       iov[count].iov_base = const_cast<void*>(base);
       iov[count].iov_len = length;
@@ -107,18 +112,29 @@ class Connection : public std::enable_shared_from_this<Connection> {
   Task<bool> read_exact(void* buffer, size_t length);
   Task<bool> discard(uint64_t length);
   Task<bool> send_all(iovec* iov, int count);
+  // The writer's send_all: non-blocking sends, waiting for room with wait_for_room().
+  Task<bool> send_out(iovec* iov, int count);
+  // Waits until the socket takes more bytes. After kStallGrace without room, ends the mappings of
+  // every reply not yet sent (their data is copied into buffers), so that a client that stops
+  // reading cannot keep a node busy. False when the socket failed.
+  Task<bool> wait_for_room();
+  // Copies the file range of `reply` into reply.copy and ends its mapping; on failure the
+  // connection is marked broken (the reply cannot be sent).
+  void unmap_reply(PendingReply& reply) noexcept;
   Task<bool> send_bytes(const void* data, size_t length);
+  // Creates the pipe receive_into_file uses, once; false when the process has no descriptors left.
+  bool ensure_pipe() noexcept;
   // Receives a write payload of `length` bytes straight into a host file at `file_offset` (what
   // the receive buffer already holds is written from there, the rest is spliced from the socket
   // through a pipe). False when the client is gone; `file_error` is set (a negative errno) when
-  // the file failed, in which case the rest of the payload is consumed and dropped.
-  // Creates the pipe receive_into_file uses, once; false when the process has no descriptors left.
-  bool ensure_pipe() noexcept;
+  // the file failed, in which case the rest of the payload is consumed and dropped. Stops early
+  // when the socket stays empty for kStallGrace: `received` tells how much of the payload was
+  // taken (the caller ends the mapping and receives the rest another way).
   Task<bool> receive_into_file(int file_fd, uint64_t file_offset, uint64_t length,
-                               int& file_error);
-  // Sends the file range of `reply` with sendfile, zeroes for what lies past the file's end.
-  // False when the socket or the file failed.
-  Task<bool> send_file(const PendingReply& reply);
+                               int& file_error, uint64_t& received);
+  // Sends the file range of `reply` with sendfile (or from reply.copy), zeroes for what lies past
+  // the file's end. False when the socket or the file failed.
+  Task<bool> send_file(PendingReply& reply);
 
   // Handshake.
   Task<bool> handshake();
@@ -174,6 +190,11 @@ class Connection : public std::enable_shared_from_this<Connection> {
   PendingReply* queue_head_ = nullptr;
   PendingReply* queue_tail_ = nullptr;
   Event queue_changed_;
+  // The replies the writer is sending now.
+  std::vector<PendingReply*> sending_;
+  // The client took nothing for kStallGrace while replies waited: until the queue is empty again,
+  // replies carry no mapping (they are copied into buffers instead).
+  bool send_stalled_ = false;
   bool writer_stop_ = false;
   bool writer_done_ = false;
   bool broken_ = false;  // a send failed: no further reply can be delivered
