@@ -106,11 +106,20 @@ def serve(engine: Any, tmp_path: Path, image: Path) -> tuple[bytearray, Export, 
     return reference, export, stalled_client(export.socket)
 
 
-def test_client_not_reading_replies(engine: Any, tmp_path: Path, shm: Path) -> None:
+# Large reads go out with sendfile; small ones inside the sendmsg of their reply. Either way the
+# replies add up to twice or more what the server's send buffer holds (4 MiB), in few enough
+# requests (56 KiB at most) that the socket takes them all once the server stops reading.
+STALLED_READS = {
+    "large": [((step * 5) % 16 * MiB, MiB) for step in range(16)],
+    "small": [((step * 7919) % 4096 * 4096, 4096) for step in range(2048)],
+}
+
+
+@pytest.mark.parametrize("size", sorted(STALLED_READS))
+def test_client_not_reading_replies(engine: Any, tmp_path: Path, shm: Path, size: str) -> None:
     image = shm / "disk.qcow2"
     reference, export, stalled = serve(engine, tmp_path, image)
-    # 16 MiB of read replies, four times what the server's send buffer holds.
-    reads = [((step * 5) % 16 * MiB, MiB) for step in range(16)]
+    reads = STALLED_READS[size]
     for cookie, (offset, length) in enumerate(reads):
         stalled.request(nbd_wire.CMD_READ, offset, length, cookie)
     # Wait until the replies fill the socket: the server is then stuck sending.
@@ -145,3 +154,4 @@ def test_client_stalling_mid_write_payload(engine: Any, tmp_path: Path, shm: Pat
     reference[offset:offset + len(payload)] = payload
     stalled.close()
     finish(engine, export, image, reference, shm)
+

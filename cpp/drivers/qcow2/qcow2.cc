@@ -714,6 +714,11 @@ block::FileRange Qcow2Node::map_file(uint64_t offset, uint64_t length,
     lock_.unlock_shared();
     return {};
   }
+  // No memory view: a caller sends it inside a reply that may wait behind a client that reads
+  // nothing, where nothing ends the mapping early, and this mapping holds the lock that flushes
+  // and snapshots need. Through the descriptor, the NBD writer ends a stalled transfer's mapping
+  // after a short wait (small reads take the buffered path instead).
+  range.memory = nullptr;
   return range;
 }
 
