@@ -26,7 +26,7 @@ from blockd.testing.images import qemu_img, qemu_io
 
 # A directory on /dev/shm per test (the mapped-read tests' fixture).
 from test_nbd_mapped_reads import shm  # noqa: F401
-from test_qcow2 import Export, add_qcow2, check_clean, compare
+from test_qcow2 import Export, add_qcow2, close_and_verify
 # The same requirements as the other mapped qcow2 tests (qemu-img, libnbd, a tmpfs /dev/shm).
 from test_qcow2_mapped import pytestmark  # noqa: F401
 
@@ -90,12 +90,7 @@ def queued_bytes(client: nbd_wire.WireClient) -> int:
 
 def finish(engine: Any, export: Export, image: Path, reference: bytearray, shm: Path) -> None:
     assert export.handle.pread(SIZE, 0) == reference
-    export.close()
-    engine.qmp("blockdev-del", {"node-name": "disk"})
-    check_clean(image)
-    expected = shm / "expected.raw"
-    expected.write_bytes(bytes(reference))
-    compare(expected, str(image), "qcow2")
+    close_and_verify(engine, export, image, reference, shm)
 
 
 def serve(engine: Any, tmp_path: Path, image: Path) -> tuple[bytearray, Export, nbd_wire.WireClient]:

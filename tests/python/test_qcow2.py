@@ -119,6 +119,19 @@ def test_compressed_and_backing_images(engine: Any, tmp_path: Path) -> None:
     check_clean(top)
 
 
+def close_and_verify(engine: Any, export: Export, image: Path, reference: bytes | bytearray,
+                     directory: Path) -> Path:
+    """Ends the export and node "disk", then checks the image with qemu-img: no errors or leaks,
+    and the same data as `reference`, which is left in DIRECTORY/expected.raw (returned)."""
+    export.close()
+    engine.qmp("blockdev-del", node_name="disk")
+    check_clean(image)
+    expected = directory / "expected.raw"
+    expected.write_bytes(bytes(reference))
+    compare(expected, str(image), "qcow2")
+    return expected
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_random_workload_then_qemu_img_check_and_compare(engine: Any, tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)
@@ -154,12 +167,7 @@ def test_random_workload_then_qemu_img_check_and_compare(engine: Any, tmp_path: 
             victim = rng.choice(snaps.list())
             snaps.delete(id=victim["id"])
     assert h.pread(size, 0) == bytes(reference)
-    export.close()
-    engine.qmp("blockdev-del", node_name="disk")
-    check_clean(image)
-    ref_path = tmp_path / "ref.raw"
-    ref_path.write_bytes(bytes(reference))
-    compare(ref_path, str(image), "qcow2")
+    close_and_verify(engine, export, image, reference, tmp_path)
 
 
 def test_snapshots_agree_with_qemu_img(engine: Any, tmp_path: Path) -> None:

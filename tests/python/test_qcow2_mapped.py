@@ -24,7 +24,7 @@ from blockd.testing.images import qemu_img, qemu_io
 
 # A directory on /dev/shm per test (the mapped-read tests' fixture).
 from test_nbd_mapped_reads import shm  # noqa: F401
-from test_qcow2 import Export, add_qcow2, check_clean, compare
+from test_qcow2 import Export, add_qcow2, close_and_verify, compare
 
 nbd = pytest.importorskip("nbd")
 
@@ -173,12 +173,7 @@ def test_large_io_snapshots_and_revert_match_reference(engine: Any, tmp_path: Pa
     pipelined(h, reference, rng, 16)
     assert h.pread(SIZE, 0) == reference
 
-    export.close()
-    engine.qmp("blockdev-del", node_name="disk")
-    check_clean(image)
-    expected = shm / "expected.raw"
-    expected.write_bytes(bytes(reference))
-    compare(expected, str(image), "qcow2")
+    expected = close_and_verify(engine, export, image, reference, shm)
     # The snapshot kept what the disk held when it was taken.
     qemu_img("snapshot", "-a", "two", str(image))
     expected.write_bytes(at_two)
