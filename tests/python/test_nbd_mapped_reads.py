@@ -20,7 +20,8 @@ import pytest
 
 from blockd.testing.clients import import_core, import_libnbd
 from blockd.testing.nbd_wire import (
-    CMD_FLAG_DF, CMD_READ, OPT_EXTENDED_HEADERS, REP_ACK, REPLY_TYPE_OFFSET_DATA, WireClient,
+    CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_PAYLOAD_LEN, CMD_READ, CMD_WRITE, OPT_EXTENDED_HEADERS,
+    REP_ACK, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, WireClient,
 )
 
 # The engine session and socket fixtures of the main NBD export tests.
@@ -309,6 +310,106 @@ def test_large_writes_land_in_the_file_through_a_raw_window(session: Session, so
         assert h.pread(length, start) == bytes(model[offset + start:offset + start + length])
     h.shutdown()
     assert (shm / "disk.raw").read_bytes() == bytes(model)
+
+
+def small_requests(size: int, seed: int) -> list[tuple[int, int, bool]]:
+    """Disjoint (offset, length, fua) ranges of writes around the 32 KiB threshold, most of them
+    small enough for the reader to complete them itself."""
+    rng = random.Random(seed)
+    chosen = []
+    start = 0
+    while len(chosen) < 300:
+        length = rng.choice([1, 512, 4096, 4096, 4096, 4097, 8192, 32767, 32768, 40000])
+        start += rng.randrange(0, 3) * 4096 + rng.choice([0, 0, 1, 511])
+        if start + length > size:
+            break
+        chosen.append((start, length, rng.random() < 0.1))
+        start += length
+    return chosen
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_pipelined_small_writes_and_reads_land_in_the_file(session: Session, sock: str, shm: Path,
+                                                           structured: bool) -> None:
+    """Hundreds of small writes in flight at once (the reader writes most of them into the file
+    from its receive buffer and answers them without a task, FUA ones take the usual path), then
+    as many reads: every reply is right, and the file holds exactly what was written."""
+    data, offset, size = raw_window(session, shm, sock)
+    model = bytearray(data)
+    h = connect(sock, structured=structured, meta=False)
+    requests = small_requests(size, seed=11)
+    buffers = []
+    for i, (start, length, fua) in enumerate(requests):
+        chunk = pattern(length, seed=1000 + i)
+        buffers.append(nbd.Buffer.from_bytearray(bytearray(chunk)))
+        h.aio_pwrite(buffers[-1], start, flags=nbd.CMD_FLAG_FUA if fua else 0)
+        model[offset + start:offset + start + length] = chunk
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    reads_in_flight = []
+    for start, length, _ in requests:
+        buffer = nbd.Buffer(length)
+        reads_in_flight.append((start, length, buffer, h.aio_pread(buffer, start)))
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    for start, length, buffer, cookie in reads_in_flight:
+        assert h.aio_command_completed(cookie)
+        assert buffer.to_bytearray() == model[offset + start:offset + start + length], (start, length)
+    h.shutdown()
+    session.qmp("block-export-del", id="exp0")
+    assert (shm / "disk.raw").read_bytes() == bytes(model)
+
+
+def test_pipelined_small_extended_writes_and_reads(session: Session, sock: str, shm: Path) -> None:
+    """The same with extended headers (32-byte requests and reply chunks, offset echoed), and a
+    small write past the end of the file, which grows it to the node's sector-rounded size."""
+    data, offset, size = raw_window(session, shm, sock)
+    model = bytearray(data)
+    c = WireClient(sock)
+    c.greet()
+    assert c.simple_option(OPT_EXTENDED_HEADERS) == REP_ACK
+    c.go(b"disk")
+    requests = small_requests(size, seed=12)
+    for cookie, (start, length, fua) in enumerate(requests, start=1):
+        chunk = pattern(length, seed=2000 + cookie)
+        c.request(CMD_WRITE, start, length, cookie, chunk,
+                  flags=CMD_FLAG_PAYLOAD_LEN | (CMD_FLAG_FUA if fua else 0))
+        model[offset + start:offset + start + length] = chunk
+    pending = set(range(1, len(requests) + 1))
+    while pending:
+        reply = c.read_reply()
+        pending.remove(reply.cookie)
+        assert reply.error == 0
+        assert [(chunk.type, chunk.offset) for chunk in reply.chunks] == \
+            [(REPLY_TYPE_NONE, requests[reply.cookie - 1][0])]
+    for cookie, (start, length, _) in enumerate(requests, start=1):
+        c.request(CMD_READ, start, length, cookie)
+    pending = set(range(1, len(requests) + 1))
+    while pending:
+        reply = c.read_reply()
+        pending.remove(reply.cookie)
+        start, length, _ = requests[reply.cookie - 1]
+        assert [chunk.type for chunk in reply.chunks] == [REPLY_TYPE_OFFSET_DATA]
+        payload = reply.chunks[0].payload
+        assert struct.unpack(">Q", payload[:8])[0] == start
+        assert payload[8:] == model[offset + start:offset + start + length], (start, length)
+    c.close()
+
+    # A short file: the node ends on the next sector boundary, 412 bytes past the file.
+    image = shm / "short.raw"
+    image.write_bytes(pattern(MiB + 100, seed=3))
+    session.qmp("blockdev-add", driver="file", node_name="short", filename=str(image))
+    session.qmp("block-export-add", type="nbd", id="exp1", node_name="short", name="short",
+                writable=True)
+    c = WireClient(sock)
+    c.greet()
+    assert c.simple_option(OPT_EXTENDED_HEADERS) == REP_ACK
+    c.go(b"short")
+    c.request(CMD_WRITE, MiB + 512 - 4096, 4096, 7, b"t" * 4096, flags=CMD_FLAG_PAYLOAD_LEN)
+    assert c.read_reply().error == 0
+    c.close()
+    assert image.read_bytes()[-4097:] == pattern(MiB + 100, seed=3)[MiB - 3585:MiB - 3584] + \
+        b"t" * 4096
 
 
 def test_write_errors_of_the_file_reach_the_client(session: Session, sock: str) -> None:

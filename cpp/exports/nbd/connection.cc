@@ -18,9 +18,12 @@
 // file to the socket with sendfile after its reply header, and a large write payload goes from
 // the socket into the file through a pipe (splice), so the loop thread copies no byte of it (the
 // kernel copies a write once). A small read goes from the node's mapping of the file
-// (FileRange::memory) in the sendmsg that carries its header: no read system call. Once a read's
-// header is on the wire, a failed transfer (the file shrunk by another process: EFAULT) can only
-// end the connection, as proto.md requires of a reply that cannot be completed.
+// (FileRange::memory) in the sendmsg that carries its header: no read system call. The reader
+// completes such reads itself, and small writes whose payload came whole with the header (one
+// pwrite from the receive buffer into the file), queueing their replies with no task, no buffer
+// and no trip through the node's coroutines (complete_inline). Once a read's header is on the
+// wire, a failed transfer (the file shrunk by another process: EFAULT) can only end the
+// connection, as proto.md requires of a reply that cannot be completed.
 //
 // A mapping may hold its node busy (a qcow2 node cannot flush, discard or snapshot meanwhile), so
 // a client must not keep one alive by not reading or by trickling a payload: after kStallGrace
@@ -65,6 +68,23 @@ int read_whole(int fd, uint8_t* out, uint64_t length, uint64_t offset) noexcept 
     } else if (got == 0) {
       std::memset(out + done, 0, static_cast<size_t>(length - done));
       break;
+    } else if (errno != EINTR) {
+      return -errno;
+    }
+  }
+  return 0;
+}
+
+// Writes `length` bytes from `data` at `offset` of `fd`. 0, or a negative errno.
+int write_whole(int fd, const uint8_t* data, uint64_t length, uint64_t offset) noexcept {
+  uint64_t done = 0;
+  while (done < length) {
+    const ssize_t wrote = ::pwrite(fd, data + done, static_cast<size_t>(length - done),
+                                   static_cast<off_t>(offset + done));
+    if (wrote > 0) {
+      done += static_cast<uint64_t>(wrote);
+    } else if (wrote == 0) {
+      return -ENOSPC;
     } else if (errno != EINTR) {
       return -errno;
     }
@@ -341,17 +361,8 @@ Task<bool> Connection::receive_into_file(int file_fd, uint64_t file_offset, uint
   // The start of the payload may have come in with the request header.
   const size_t buffered =
       static_cast<size_t>(std::min<uint64_t>(receive_end_ - receive_start_, length));
-  size_t done = 0;
-  while (done < buffered && file_error == 0) {
-    const ssize_t wrote = ::pwrite(file_fd, receive_buffer_.get() + receive_start_ + done,
-                                   buffered - done, position + static_cast<off64_t>(done));
-    if (wrote > 0) {
-      done += static_cast<size_t>(wrote);
-    } else if (wrote == 0) {
-      file_error = -ENOSPC;
-    } else if (errno != EINTR) {
-      file_error = -errno;
-    }
+  if (buffered > 0) {
+    file_error = write_whole(file_fd, receive_buffer_.get() + receive_start_, buffered, file_offset);
   }
   receive_start_ += buffered;
   position += static_cast<off64_t>(buffered);
@@ -700,18 +711,20 @@ Task<bool> Connection::handshake() {
 
 void Connection::SendAwaiter::await_suspend(std::coroutine_handle<> handle) noexcept {
   reply->waiter = handle;
-  reply->next = nullptr;
+  connection->enqueue(*reply);
+}
+
+void Connection::enqueue(PendingReply& reply) noexcept {
+  reply.next = nullptr;
   // The client is not reading: this reply must not wait on it with a mapping.
-  if (connection->send_stalled_) connection->unmap_reply(*reply);
-  if (connection->queue_tail_) {
-    connection->queue_tail_->next = reply;
+  if (send_stalled_) unmap_reply(reply);
+  if (queue_tail_) {
+    queue_tail_->next = &reply;
   } else {
-    connection->queue_head_ = reply;
+    queue_head_ = &reply;
   }
-  connection->queue_tail_ = reply;
-  if (!connection->reader_busy_ && connection->queue_changed_.has_waiters()) {
-    connection->queue_changed_.notify_all();
-  }
+  queue_tail_ = &reply;
+  if (!reader_busy_ && queue_changed_.has_waiters()) queue_changed_.notify_all();
 }
 
 void Connection::mark_broken() noexcept {
@@ -763,13 +776,20 @@ Task<void> Connection::writer() {
       mark_broken();
     }
     ready.clear();
+    bool recycled = false;
     for (PendingReply* reply : batch) {
       reply->sent = !broken_;
-      ready.push_back(reply->waiter);
+      if (reply->waiter) {
+        ready.push_back(reply->waiter);
+      } else {
+        recycle(static_cast<InlineReply&>(*reply));
+        recycled = true;
+      }
     }
     batch.clear();
     // Everything the client asked for is out: it reads again.
     if (queue_head_ == nullptr) send_stalled_ = false;
+    if (recycled) progress_.notify_all();
     for (auto handle : ready) handle.resume();
   }
   writer_done_ = true;
@@ -783,6 +803,28 @@ void simple_reply(uint8_t* out, uint32_t error, uint64_t cookie) {
   store32(out, kSimpleReplyMagic);
   store32(out + 4, error);
   store64(out + 8, cookie);
+}
+
+// Encodes the whole reply of a request that carries no data and ends with `nbd_error` (0 for
+// success): a simple reply, or a chunk where the mode needs one (extended headers) or the client
+// may expect one (a failed read or block status with structured replies). Returns its size.
+size_t encode_status_reply(uint8_t* out, ReplyMode mode, const Request& request,
+                           uint32_t nbd_error) {
+  const bool chunk = mode == ReplyMode::kExtended ||
+                     (nbd_error != 0 && mode == ReplyMode::kStructured &&
+                      (request.type == kCmdRead || request.type == kCmdBlockStatus));
+  if (!chunk) {
+    simple_reply(out, nbd_error, request.cookie);
+    return kSimpleReplySize;
+  }
+  if (nbd_error == 0) {
+    return encode_chunk_header(out, mode, kReplyFlagDone, kReplyTypeNone, request, 0);
+  }
+  const size_t header =
+      encode_chunk_header(out, mode, kReplyFlagDone, kReplyTypeError, request, 6);
+  store32(out + header, nbd_error);
+  store16(out + header + 4, 0);
+  return header + 6;
 }
 
 uint32_t status_to_nbd_flags(uint32_t status) {
@@ -846,29 +888,9 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
     reply.bytes = 0;
     reply.file_fd = -1;
     reply.mapped = {};
-    // Extended headers allow no simple reply; with structured replies, reads and block status
-    // must fail in a chunk (the client may expect one).
-    if (mode == ReplyMode::kExtended ||
-        (structured && (request.type == kCmdRead || request.type == kCmdBlockStatus))) {
-      const size_t header =
-          encode_chunk_header(scratch, mode, kReplyFlagDone, kReplyTypeError, request, 6);
-      store32(scratch + header, nbd_error);
-      store16(scratch + header + 4, 0);
-      reply.add(scratch, header + 6);
-    } else {
-      simple_reply(scratch, nbd_error, request.cookie);
-      reply.add(scratch, kSimpleReplySize);
-    }
+    reply.add(scratch, encode_status_reply(scratch, mode, request, nbd_error));
   };
-  auto ok = [&] {
-    if (mode == ReplyMode::kExtended) {
-      reply.add(scratch,
-                encode_chunk_header(scratch, mode, kReplyFlagDone, kReplyTypeNone, request, 0));
-    } else {
-      simple_reply(scratch, 0, request.cookie);
-      reply.add(scratch, kSimpleReplySize);
-    }
-  };
+  auto ok = [&] { reply.add(scratch, encode_status_reply(scratch, mode, request, 0)); };
   // The reply for a command whose whole result is one block-layer return value.
   auto reply_status = [&](int64_t ret) {
     if (ret < 0) {
@@ -1112,6 +1134,83 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
   c.progress_.notify_all();
 }
 
+bool Connection::complete_inline(const Request& request, uint64_t payload_length) {
+  const bool read = request.type == kCmdRead;
+  if (!read && request.type != kCmdWrite) return false;
+  block::BlockBackend& backend = export_->backend();
+  block::BlockBackend::MappedRange mapped;
+  if (read) {
+    // What handle_request does with such a read (one data chunk: too small to look for holes),
+    // minus the task.
+    if (request.length == 0 || request.length >= kMappedReadThreshold || send_stalled_) {
+      return false;
+    }
+    mapped = backend.map_read(request.offset, request.length);
+    if (!mapped || mapped.memory() == nullptr) return false;
+  } else {
+    // Only a payload that came whole with its header: one pwrite from the receive buffer, where
+    // the usual path copies it into a buffer first and writes it through the node's tasks.
+    if (payload_length == 0 || payload_length >= kMappedWriteThreshold ||
+        receive_end_ - receive_start_ < payload_length) {
+      return false;
+    }
+    mapped = backend.map_write(request.offset, payload_length,
+                               (request.flags & kCmdFlagFua) ? uint32_t{block::kRequestFua} : 0u);
+    if (!mapped) return false;
+  }
+  InlineReply& reply = take_reply();
+  ++in_flight_;
+  if (read) {
+    size_t size = kSimpleReplySize;
+    if (reply_mode_ == ReplyMode::kSimple) {
+      simple_reply(reply.header, 0, request.cookie);
+    } else {
+      size = encode_chunk_header(reply.header, reply_mode_, kReplyFlagDone, kReplyTypeOffsetData,
+                                 request, 8 + request.length);
+      store64(reply.header + size, request.offset);
+      size += 8;
+    }
+    reply.add(reply.header, size);
+    reply.add(mapped.memory(), static_cast<size_t>(request.length));
+    reply.mapped = std::move(mapped);
+  } else {
+    const int ret = write_whole(mapped.fd(), receive_buffer_.get() + receive_start_,
+                                payload_length, mapped.file_offset());
+    receive_start_ += static_cast<size_t>(payload_length);
+    mapped = {};
+    reply.add(reply.header, encode_status_reply(reply.header, reply_mode_, request,
+                                                ret < 0 ? errno_to_nbd(ret) : 0));
+  }
+  if (broken_) {
+    recycle(reply);  // nothing more reaches the client
+  } else {
+    enqueue(reply);
+  }
+  return true;
+}
+
+Connection::InlineReply& Connection::take_reply() {
+  if (spare_replies_.empty()) {
+    inline_replies_.push_back(std::make_unique<InlineReply>());
+    spare_replies_.reserve(inline_replies_.size());  // recycle() never allocates
+    return *inline_replies_.back();
+  }
+  InlineReply* reply = spare_replies_.back();
+  spare_replies_.pop_back();
+  return *reply;
+}
+
+void Connection::recycle(InlineReply& reply) noexcept {
+  reply.count = 0;
+  reply.bytes = 0;
+  reply.sent = false;
+  reply.next = nullptr;
+  reply.mapped = {};
+  reply.copy = {};
+  spare_replies_.push_back(&reply);
+  --in_flight_;
+}
+
 Task<void> Connection::transmission() {
   // A unix socket's send buffer bounds how much of a reply one sendmsg or sendfile queues (the
   // default, about 200 KiB, takes several rounds per 1 MiB read). Ask for more; the kernel caps
@@ -1171,6 +1270,7 @@ Task<void> Connection::transmission() {
     RequestContext context = base;
     context.export_size = static_cast<uint64_t>(export_->backend().size());
     if (error == 0) error = validate_request(*request, context);
+    if (error == 0 && complete_inline(*request, payload_length)) continue;
     Buffer buffer;
     bool written = false;
     if (request->type == kCmdWrite) {

@@ -3,7 +3,8 @@
 // A connection runs as one coroutine (run): the handshake, then the transmission phase. In the
 // transmission phase the reading coroutine decodes requests and spawns one Task per request; the
 // tasks complete in any order and hand their replies to a writer coroutine that gathers the
-// replies ready at the same time into one sendmsg. The reader stops taking requests while too many
+// replies ready at the same time into one sendmsg. Small reads and writes of a file in memory
+// need no task: the reader completes them and queues their replies itself. The reader stops taking requests while too many
 // are in flight or too many payload bytes are buffered, so a client cannot make the server
 // allocate without bound.
 #pragma once
@@ -98,6 +99,11 @@ class Connection : public std::enable_shared_from_this<Connection> {
       bytes += length;
     }
   };
+  // The reply of a request the reader completed itself (complete_inline): no task waits on it;
+  // the writer recycles it once sent. Owned by the connection (spare_replies_ or the queue).
+  struct InlineReply : PendingReply {
+    uint8_t header[kExtendedChunkHeaderSize + 8];
+  };
   struct SendAwaiter {
     Connection* connection;
     PendingReply* reply;
@@ -151,6 +157,18 @@ class Connection : public std::enable_shared_from_this<Connection> {
                                    uint32_t error, Buffer buffer, bool written);
   Task<void> writer();
   SendAwaiter send(PendingReply& reply) { return SendAwaiter{this, &reply}; }
+  // Appends `reply` to the writer's queue (and wakes the writer when the reader is idle).
+  void enqueue(PendingReply& reply) noexcept;
+  // Completes a small read or write of a file in memory on the spot, with no task: a read's reply
+  // points into the node's mapping (Node::map_file memory), a write's payload goes from the
+  // receive buffer into the file with one pwrite. True when the request was handled (its payload
+  // consumed and its reply queued); false when it must take the usual path (nothing consumed).
+  bool complete_inline(const Request& request, uint64_t payload_length);
+  // A reply from spare_replies_ (or a new one).
+  InlineReply& take_reply();
+  // Returns a sent (or never sent) inline reply to spare_replies_ and ends its request; the
+  // caller wakes progress_.
+  void recycle(InlineReply& reply) noexcept;
 
   Server& server_;
   Loop* loop_;  // the server's (main) loop, or the export's iothread during transmission
@@ -190,6 +208,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   PendingReply* queue_head_ = nullptr;
   PendingReply* queue_tail_ = nullptr;
   Event queue_changed_;
+  // Every inline reply made so far (at most max_requests_in_flight), and those ready for reuse.
+  std::vector<std::unique_ptr<InlineReply>> inline_replies_;
+  std::vector<InlineReply*> spare_replies_;
   // The replies the writer is sending now.
   std::vector<PendingReply*> sending_;
   // The client took nothing for kStallGrace while replies waited: until the queue is empty again,
