@@ -1,4 +1,20 @@
 // The quorum driver; see quorum.h. Behaviour follows QEMU 7.2's block/quorum (not its code).
+//
+// Reads in quorum mode try three ways, cheapest first; each falls back to the next without a
+// report, and only the last one votes, reports and repairs:
+//  1. In place (from kInPlaceThreshold): every child keeps the range in its read-only mapping of
+//     a file in memory (FileRange::memory) and mincore says all of it is in the page cache (a
+//     read fault in a hole of a tmpfs file would allocate it). One loop reads each child's byte
+//     once, XORs the others against child 0 in 32-byte lanes (AVX2 where the CPU has it) and
+//     stores child 0's bytes to the caller; the loop thread takes the first half and a pool worker
+//     the second. A child's file may shrink behind the engine's back and take pages from under
+//     the mapping: the comparison runs under run_fault_guarded, and the SIGBUS becomes a
+//     difference. map_file grants child 0's range on the same comparison, so that the NBD export
+//     sends it with sendfile like a single file's.
+//  2. By pread (files in memory, smaller reads or ranges not resident): child 0 into the caller's
+//     buffer, the others piece by piece into a scratch buffer and compared.
+//  3. Through the children's nodes: compared piece by piece while they answer without waiting,
+//     else read in parallel; on disagreement hashed, grouped and voted (QuorumNode::vote).
 #include "drivers/quorum.h"
 
 #include <algorithm>
@@ -8,10 +24,12 @@
 #include <cstring>
 #include <functional>
 
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "drivers/qemu_json.h"
 #include "drivers/thread_pool.h"
+#include "runtime/fault_guard.h"
 #include "runtime/join.h"
 
 namespace blockd::drivers {
@@ -32,6 +50,11 @@ constexpr uint64_t kCompareChunk = 64 << 10;
 // compared on a worker thread while the loop does the first: the copies from the page cache are
 // what such a read costs, and a second core halves its latency.
 constexpr uint64_t kSplitThreshold = 256 << 10;
+// Reads from this size on, of children that all keep their range mapped and in the page cache,
+// are compared in place in the mappings; and only from this size on does the node grant a
+// mapping of itself (map_file). Below it, the system calls around an in-place comparison (the
+// residency check, the fault guard) cost more than the copies they save.
+constexpr uint64_t kInPlaceThreshold = 32 << 10;
 
 // A heap buffer aligned for O_DIRECT children.
 struct ScratchBuffer {
@@ -102,6 +125,154 @@ Task<void> compare_mapped_in_thread(Loop& loop, const block::FileRange* ranges, 
   agreed = co_await RunInThread(loop, [=]() noexcept -> int64_t {
     return compare_mapped(ranges, count, start, length, buffer, chunk, chunk_size) ? 1 : 0;
   }) == 1;
+}
+
+// ---- Comparing in place, in the children's mappings of their files.
+
+// True when every page of [memory, memory + length) is in the page cache. A file in memory read
+// through a mapping where it has a hole gets the hole filled (a read fault on tmpfs allocates the
+// page), which reading it with pread would not do: such ranges are compared by pread instead.
+bool resident(const uint8_t* memory, uint64_t length) noexcept {
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  uintptr_t start = reinterpret_cast<uintptr_t>(memory) & ~(page - 1);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(memory) + length;
+  unsigned char pages[1024];
+  while (start < end) {
+    const uintptr_t window = std::min<uintptr_t>(end - start, sizeof pages * page);
+    if (mincore(reinterpret_cast<void*>(start), window, pages) != 0) return false;
+    for (size_t i = 0; i < (window + page - 1) / page; ++i) {
+      if ((pages[i] & 1) == 0) return false;
+    }
+    start += window;
+  }
+  return true;
+}
+
+// Four 64-bit words: GCC and clang turn operations on it into one AVX2 instruction, or two SSE2
+// ones in the baseline build.
+using Lanes = uint64_t __attribute__((vector_size(32)));
+// Bytes compared per step, and how often the loop looks whether a difference was seen.
+constexpr size_t kStep = 4 * sizeof(Lanes);
+constexpr size_t kSpan = 4096;
+
+// Whether sources[1..kOthers] equal sources[0] over [start, start + length), reading every byte
+// once; with kCopy, sources[0]'s bytes are also stored to copy[start...] in the same pass.
+template <size_t kOthers, bool kCopy>
+[[gnu::always_inline]] inline bool equal_lanes(const uint8_t* const* sources, uint64_t start,
+                                               uint64_t length, uint8_t* copy) noexcept {
+  const uint8_t* first = sources[0] + start;
+  uint64_t done = 0;
+  while (length - done >= kStep) {
+    const uint64_t span_end = done + std::min<uint64_t>((length - done) / kStep * kStep, kSpan);
+    Lanes difference{};
+    for (; done < span_end; done += kStep) {
+      // Separate variables, not arrays: GCC keeps them in registers.
+      Lanes e0, e1, e2, e3;
+      std::memcpy(&e0, first + done, sizeof e0);
+      std::memcpy(&e1, first + done + 32, sizeof e1);
+      std::memcpy(&e2, first + done + 64, sizeof e2);
+      std::memcpy(&e3, first + done + 96, sizeof e3);
+      if constexpr (kCopy) {
+        uint8_t* to = copy + start + done;
+        std::memcpy(to, &e0, sizeof e0);
+        std::memcpy(to + 32, &e1, sizeof e1);
+        std::memcpy(to + 64, &e2, sizeof e2);
+        std::memcpy(to + 96, &e3, sizeof e3);
+      }
+      for (size_t other = 1; other <= kOthers; ++other) {
+        const uint8_t* from = sources[other] + start + done;
+        Lanes s0, s1, s2, s3;
+        std::memcpy(&s0, from, sizeof s0);
+        std::memcpy(&s1, from + 32, sizeof s1);
+        std::memcpy(&s2, from + 64, sizeof s2);
+        std::memcpy(&s3, from + 96, sizeof s3);
+        difference |= (e0 ^ s0) | (e1 ^ s1) | (e2 ^ s2) | (e3 ^ s3);
+      }
+    }
+    if ((difference[0] | difference[1] | difference[2] | difference[3]) != 0) return false;
+  }
+  for (size_t other = 1; other <= kOthers; ++other) {
+    if (std::memcmp(first + done, sources[other] + start + done, length - done) != 0) return false;
+  }
+  if constexpr (kCopy) std::memcpy(copy + start + done, first + done, length - done);
+  return true;
+}
+
+// equal_lanes for two and three sources, built for AVX2 and for the baseline (the dynamic loader
+// picks one for the machine).
+[[gnu::target_clones("avx2", "default")]] bool equal_two(const uint8_t* const* sources,
+                                                         uint64_t start, uint64_t length,
+                                                         uint8_t* copy) noexcept {
+  return copy != nullptr ? equal_lanes<1, true>(sources, start, length, copy)
+                         : equal_lanes<1, false>(sources, start, length, nullptr);
+}
+[[gnu::target_clones("avx2", "default")]] bool equal_three(const uint8_t* const* sources,
+                                                           uint64_t start, uint64_t length,
+                                                           uint8_t* copy) noexcept {
+  return copy != nullptr ? equal_lanes<2, true>(sources, start, length, copy)
+                         : equal_lanes<2, false>(sources, start, length, nullptr);
+}
+
+// The children's bytes of one request, each in its file's mapping (FileRange::memory).
+struct MappedSources {
+  const uint8_t* const* sources;
+  size_t count;
+  uint8_t* copy;  // the caller's buffer, which receives child 0's bytes; null: compare only
+};
+
+// Whether every child's bytes in [start, start + length) of the request equal child 0's (copying
+// those on the way). More than three children are compared pairwise with child 0 piece by piece,
+// so that child 0's piece is read again from the cache.
+bool equal_sources(const MappedSources& mapped, uint64_t start, uint64_t length) noexcept {
+  if (mapped.count == 1) {
+    if (mapped.copy != nullptr) std::memcpy(mapped.copy + start, mapped.sources[0] + start, length);
+    return true;
+  }
+  if (mapped.count == 2) return equal_two(mapped.sources, start, length, mapped.copy);
+  if (mapped.count == 3) return equal_three(mapped.sources, start, length, mapped.copy);
+  for (uint64_t done = start; done < start + length; done += kCompareChunk) {
+    const uint64_t piece = std::min(kCompareChunk, start + length - done);
+    for (size_t other = 1; other < mapped.count; ++other) {
+      const uint8_t* pair[2] = {mapped.sources[0], mapped.sources[other]};
+      if (!equal_two(pair, done, piece, other == 1 ? mapped.copy : nullptr)) return false;
+    }
+  }
+  return true;
+}
+
+// Compares [start, start + length) under the fault guard: a child whose file shrank behind the
+// engine's back raises SIGBUS where its mapping lost its pages, which then counts as a
+// difference. `agreed` holds the answer.
+struct GuardedPart {
+  const MappedSources* mapped;
+  uint64_t start;
+  uint64_t length;
+  bool agreed = false;
+  void run() noexcept {
+    auto compare = [this]() noexcept -> int64_t {
+      return equal_sources(*mapped, start, length) ? 1 : 0;
+    };
+    agreed = run_fault_guarded(compare) == 1;
+  }
+};
+
+// Whether all children agree on the request (`length` bytes), with child 0's bytes copied to
+// mapped.copy when it is not null. From kSplitThreshold on, a worker thread takes the second
+// half while this thread does the first: memory bandwidth per core is what such a comparison
+// costs. Any thread; blocks, never suspends.
+bool compare_in_place(const MappedSources& mapped, uint64_t length) noexcept {
+  if (length < kSplitThreshold) {
+    GuardedPart whole{&mapped, 0, length};
+    whole.run();
+    return whole.agreed;
+  }
+  const uint64_t half = (length / 2 + kSpan - 1) / kSpan * kSpan;
+  GuardedPart first{&mapped, 0, half};
+  GuardedPart second{&mapped, half, length - half};
+  auto run_first = [&first]() noexcept { first.run(); };
+  auto run_second = [&second]() noexcept { second.run(); };
+  ThreadPool::shared().run_beside(run_first, run_second);
+  return first.agreed && second.agreed;
 }
 
 // Small per-request arrays: inline for the usual handful of children.
@@ -213,6 +384,9 @@ class QuorumNode final : public Node {
   Task<int64_t> write_zeroes(uint64_t offset, uint64_t length, uint32_t flags) noexcept override;
   Task<int64_t> flush() noexcept override;
   Task<BlockStatus> block_status(uint64_t offset, uint64_t length) noexcept override;
+  block::FileRange map_file(uint64_t offset, uint64_t length,
+                            block::MapAccess access) noexcept override;
+  void release_file(const block::FileRange& range, block::MapAccess access) noexcept override;
 
   Status add_dynamic_child(std::shared_ptr<Node> child) override;
   Status remove_dynamic_child(block::Child& child) override;
@@ -317,6 +491,17 @@ class QuorumNode final : public Node {
   }
 
   Task<int64_t> read_fifo(uint64_t offset, uint64_t length, void* buffer, uint32_t flags) noexcept;
+  // What comparing a request in place in the children's mappings found.
+  enum class InPlace { kAgreed, kDisagreed, kUnavailable };
+  // Maps every child's range; true when each child keeps it in a mapping of its file
+  // (FileRange::memory) and all of it is in the page cache. `ranges` receives every mapping
+  // granted, which the caller hands back (release_children) whatever the answer.
+  bool map_children(uint64_t offset, uint64_t length, ChildArray<block::FileRange>& ranges) noexcept;
+  // Hands back the mappings of children `from` on.
+  void release_children(ChildArray<block::FileRange>& ranges, size_t from) noexcept;
+  // Compares the children in place and, when `copy` is not null, copies child 0's bytes there.
+  InPlace compare_children(uint64_t offset, uint64_t length, uint8_t* copy,
+                           ChildArray<block::FileRange>& ranges) noexcept;
   Task<bool> read_mapped(uint64_t offset, uint64_t length, char* buffer);
   Task<Comparison> compare_child(Node& child, uint64_t offset, uint64_t length, const char* expected,
                                  char* chunk, uint64_t chunk_size, uint32_t flags, int64_t& error);
@@ -341,6 +526,57 @@ Task<int64_t> QuorumNode::read_fifo(uint64_t offset, uint64_t length, void* buff
     report_bad(QuorumEvent::Op::kRead, result, child, offset, length);
   }
   co_return result;
+}
+
+bool QuorumNode::map_children(uint64_t offset, uint64_t length,
+                              ChildArray<block::FileRange>& ranges) noexcept {
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    ranges[i] = child_node(i).map_file(offset, length, block::MapAccess::kRead);
+    if (ranges[i].fd < 0 || ranges[i].memory == nullptr || !resident(ranges[i].memory, length)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+void QuorumNode::release_children(ChildArray<block::FileRange>& ranges, size_t from) noexcept {
+  for (size_t i = from; i < ranges.size(); ++i) {
+    if (ranges[i].fd >= 0) child_node(i).release_file(ranges[i], block::MapAccess::kRead);
+  }
+}
+
+QuorumNode::InPlace QuorumNode::compare_children(uint64_t offset, uint64_t length, uint8_t* copy,
+                                                 ChildArray<block::FileRange>& ranges) noexcept {
+  if (!map_children(offset, length, ranges)) return InPlace::kUnavailable;
+  ChildArray<const uint8_t*> sources(ranges.size());
+  for (size_t i = 0; i < ranges.size(); ++i) sources[i] = ranges[i].memory;
+  const MappedSources mapped{&sources[0], sources.size(), copy};
+  return compare_in_place(mapped, length) ? InPlace::kAgreed : InPlace::kDisagreed;
+}
+
+// A mapping of the quorum is child 0's, granted once every child was found to hold the same bytes
+// (compared in place, as a large read is). Only for reads of at least kInPlaceThreshold bytes in
+// quorum mode whose children all keep the range mapped and in memory; otherwise, and whenever a
+// child differs or faults, nothing is granted, so that the caller reads through read(), which
+// votes, reports and repairs. What the caller then transfers from child 0's file is what a read
+// returning at the moment of the comparison would have returned: a write racing it, through the
+// quorum or behind the engine's back, is the race any read has with a write of the same range,
+// whose result is undefined. The other children's mappings end at once; child 0's lasts until
+// release_file and counts as a request in flight, so that no child edge goes away under it.
+block::FileRange QuorumNode::map_file(uint64_t offset, uint64_t length,
+                                      block::MapAccess access) noexcept {
+  if (access != block::MapAccess::kRead || length < kInPlaceThreshold || fifo()) return {};
+  ChildArray<block::FileRange> ranges(children().size());
+  const bool agreed = compare_children(offset, length, nullptr, ranges) == InPlace::kAgreed;
+  release_children(ranges, agreed ? 1 : 0);
+  if (!agreed) return {};
+  ++in_flight_;
+  return ranges[0];
+}
+
+void QuorumNode::release_file(const block::FileRange& range, block::MapAccess access) noexcept {
+  child_node(0).release_file(range, access);
+  --in_flight_;
 }
 
 // The fast path for children that all lie in files in memory (Node::map_file): their bytes are
@@ -417,7 +653,18 @@ Task<int64_t> QuorumNode::read(uint64_t offset, uint64_t length, void* buffer,
                                uint32_t flags) noexcept {
   InFlight guard(this);
   if (fifo()) co_return co_await read_fifo(offset, length, buffer, flags);
-  if (length > 0 && co_await read_mapped(offset, length, static_cast<char*>(buffer))) co_return 0;
+  InPlace in_place = InPlace::kUnavailable;
+  if (length >= kInPlaceThreshold) {
+    ChildArray<block::FileRange> ranges(children().size());
+    in_place = compare_children(offset, length, static_cast<uint8_t*>(buffer), ranges);
+    release_children(ranges, 0);
+    if (in_place == InPlace::kAgreed) co_return 0;
+  }
+  // Children that differed in place differ through pread as well: straight to the vote.
+  if (length > 0 && in_place == InPlace::kUnavailable &&
+      co_await read_mapped(offset, length, static_cast<char*>(buffer))) {
+    co_return 0;
+  }
   const size_t count = children().size();
   // data[i] holds child i's bytes: child 0 reads straight into the caller's buffer, a child found
   // equal to it shares that buffer, the others get scratch buffers.

@@ -2,16 +2,22 @@
 #include "drivers/quorum.h"
 
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <linux/magic.h>
+#include <sys/stat.h>
 #include <sys/statfs.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include "drivers/blkdebug.h"
 #include "drivers/file.h"
+#include "runtime/fault_guard.h"
 #include "test_support.h"
 
 namespace blockd::drivers {
@@ -531,6 +537,127 @@ TEST_P(QuorumTest, BlkverifyFailsOnADifferenceInALaterPiece) {
   EXPECT_EQ(read(**node, 0, out), -EIO);
   ASSERT_EQ(events_.size(), 1u);
   EXPECT_EQ(events_[0].kind, QuorumEvent::Kind::kFailure);
+}
+
+// A reader that can send a range straight from a file (the NBD export's large reads) gets child 0's
+// range, and only in memory, for reads in quorum mode, once every child was found to agree.
+TEST_P(QuorumTest, LargeReadsMapChild0OnceTheChildrenAgree) {
+  auto node = quorum(threshold(2));
+  ASSERT_TRUE(node.has_value()) << node.status().message();
+  Node& q = **node;
+  const uint64_t offset = 65536 + 512;
+  const uint64_t length = 524288;
+  EXPECT_EQ(q.map_file(offset, 4096, block::MapAccess::kRead).fd, -1);
+  EXPECT_EQ(q.map_file(offset, length, block::MapAccess::kWrite).fd, -1);
+  const block::FileRange range = q.map_file(offset, length, block::MapAccess::kRead);
+  if (GetParam() != "/dev/shm") {
+    EXPECT_EQ(range.fd, -1);
+    return;
+  }
+  ASSERT_GE(range.fd, 0);
+  EXPECT_EQ(range.offset, offset);
+  const std::vector<char> expected = read_file(0, offset, length);
+  std::vector<char> through(length);
+  ASSERT_EQ(pread(range.fd, through.data(), length, static_cast<off_t>(range.offset)),
+            static_cast<ssize_t>(length));
+  EXPECT_EQ(through, expected);
+  ASSERT_NE(range.memory, nullptr);
+  EXPECT_EQ(std::memcmp(range.memory, expected.data(), length), 0);
+  q.release_file(range, block::MapAccess::kRead);
+  // Every mapping ended: a child edge can go (it waits for requests in flight, mappings included).
+  ASSERT_TRUE(q.remove_dynamic_child(*q.children()[2]).is_ok());
+  ASSERT_TRUE(q.add_dynamic_child(file_node(2)).is_ok());
+  // A child that differs anywhere, child 0 included: nothing is granted and nothing reported; the
+  // read that the caller makes instead votes and reports.
+  for (int child = 0; child < 3; ++child) {
+    SCOPED_TRACE("child " + std::to_string(child));
+    const uint64_t at = offset + length - 1 - static_cast<uint64_t>(child) * 100000;
+    const std::vector<char> good = read_file(child, at, 1);
+    write_file(child, at, pattern(1, static_cast<char>(good[0] ^ 1)));
+    EXPECT_EQ(q.map_file(offset, length, block::MapAccess::kRead).fd, -1);
+    EXPECT_TRUE(events_.empty());
+    std::vector<char> out(length);
+    ASSERT_EQ(read(q, offset, out), 0);
+    EXPECT_EQ(out, read_file((child + 1) % 3, offset, length));
+    ASSERT_EQ(events_.size(), 1u);
+    EXPECT_EQ(events_[0].node_name, "c" + std::to_string(child));
+    EXPECT_EQ(events_[0].sector_num, static_cast<int64_t>(offset / 512));
+    EXPECT_EQ(events_[0].sectors_count, static_cast<int64_t>(length / 512));
+    events_.clear();
+    write_file(child, at, good);
+  }
+  // fifo reads no child but the first that works: no mapping (it would skip nothing, but fifo is
+  // not what this path is for).
+  QuorumOptions fifo = threshold(1);
+  fifo.read_pattern = QuorumOptions::ReadPattern::kFifo;
+  auto other = quorum(fifo);
+  ASSERT_TRUE(other.has_value());
+  EXPECT_EQ((*other)->map_file(offset, length, block::MapAccess::kRead).fd, -1);
+}
+
+// Reading a hole through a mapping of a file in memory would allocate it: large reads over holes
+// compare through pread instead, and leave the children as sparse as they were.
+TEST_P(QuorumTest, LargeReadsLeaveHolesInTheChildren) {
+  for (int child = 0; child < 3; ++child) {
+    const int fd = open(paths_[child].c_str(), O_RDWR);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 262144, 524288), 0);
+    close(fd);
+  }
+  auto allocated = [this](int child) {
+    struct stat st {};
+    EXPECT_EQ(stat(paths_[child].c_str(), &st), 0);
+    return st.st_blocks;
+  };
+  const blkcnt_t before = allocated(0);
+  auto node = quorum(threshold(2));
+  ASSERT_TRUE(node.has_value());
+  std::vector<char> out(kImageSize);
+  ASSERT_EQ(read(**node, 0, out), 0);
+  EXPECT_EQ(out, read_file(1, 0, kImageSize));
+  EXPECT_EQ(std::vector<char>(out.begin() + 262144, out.begin() + 786432), pattern(524288, 0));
+  EXPECT_EQ((*node)->map_file(262144, 524288, block::MapAccess::kRead).fd, -1);
+  EXPECT_TRUE(events_.empty());
+  for (int child = 0; child < 3; ++child) EXPECT_EQ(allocated(child), before);
+}
+
+// Child 0's file shrinks and grows back over and over while large reads compare in place: a read
+// whose comparison touches a page that has just gone takes a fault (SIGBUS), which counts as a
+// difference; the children are then read again through their nodes and vote. Every read returns
+// the majority's data, and the process lives.
+TEST_P(QuorumTest, ChildShrinkingDuringLargeReadsIsOutvoted) {
+  if (GetParam() != "/dev/shm") GTEST_SKIP() << "only files in memory are compared in place";
+  auto node = quorum(threshold(2));
+  ASSERT_TRUE(node.has_value());
+  const std::vector<char> tail = read_file(0, kImageSize / 2, kImageSize / 2);
+  std::atomic<bool> stop{false};
+  std::thread shrinker([&] {
+    const int fd = open(paths_[0].c_str(), O_RDWR);
+    while (!stop.load()) {
+      (void)!ftruncate(fd, kImageSize / 2);
+      (void)!pwrite(fd, tail.data(), tail.size(), kImageSize / 2);
+    }
+    close(fd);
+  });
+  const std::vector<char> expected = read_file(1, 0, kImageSize);
+  const uint64_t faults = guarded_fault_count();
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  int reads = 0;
+  while ((guarded_fault_count() == faults || reads < 50) &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::vector<char> out(kImageSize);
+    const int64_t result = read(**node, 0, out);
+    if (result != 0 || out != expected) {
+      ADD_FAILURE() << "read " << reads << " returned " << result << " or other data";
+      break;
+    }
+    for (const QuorumEvent& event : events_) EXPECT_EQ(event.node_name, "c0");
+    events_.clear();
+    ++reads;
+  }
+  stop = true;
+  shrinker.join();
+  EXPECT_GT(guarded_fault_count(), faults) << "no read met a shrunk page in " << reads << " reads";
 }
 
 // ---- blkdebug on its own.
