@@ -234,34 +234,19 @@ Task<bool> Connection::discard(uint64_t length) {
   co_return true;
 }
 
-Task<bool> Connection::send_all(iovec* iov, int count) {
+Task<bool> Connection::send_all(iovec* iov, int count, int flags) {
   while (count > 0) {
     msghdr message{};
     message.msg_iov = iov;
     message.msg_iovlen = static_cast<size_t>(std::min(count, IOV_MAX));
-    const int sent = co_await loop_->sendmsg(fd_, &message, MSG_NOSIGNAL);
-    if (sent < 0) {
-      if (sent == -EINTR || sent == -EAGAIN) continue;
-      co_return false;
-    }
-    advance(iov, count, static_cast<size_t>(sent));
-  }
-  co_return true;
-}
-
-Task<bool> Connection::send_out(iovec* iov, int count) {
-  while (count > 0) {
-    msghdr message{};
-    message.msg_iov = iov;
-    message.msg_iovlen = static_cast<size_t>(std::min(count, IOV_MAX));
-    // Through the ring, as send_all (the writer suspends here, so replies enqueued meanwhile join
-    // the next batch), but with MSG_DONTWAIT: a full socket answers -EAGAIN instead of waiting.
-    const int sent = co_await loop_->sendmsg(fd_, &message, MSG_NOSIGNAL | MSG_DONTWAIT);
-    if (sent < 0) {
-      if (sent == -EINTR) continue;
-      if (sent != -EAGAIN || !co_await wait_for_room()) co_return false;
+    const int sent = co_await loop_->sendmsg(fd_, &message, MSG_NOSIGNAL | flags);
+    if (sent == -EINTR) continue;
+    if (sent == -EAGAIN) {
+      // With MSG_DONTWAIT a full socket answers at once; wait for room here, not in the kernel.
+      if ((flags & MSG_DONTWAIT) != 0 && !co_await wait_for_room()) co_return false;
       continue;
     }
+    if (sent < 0) co_return false;
     advance(iov, count, static_cast<size_t>(sent));
   }
   co_return true;

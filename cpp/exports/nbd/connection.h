@@ -9,6 +9,7 @@
 // allocate without bound.
 #pragma once
 
+#include <sys/socket.h>
 #include <sys/uio.h>
 
 #include <coroutine>
@@ -117,9 +118,12 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // payloads bypass it.
   Task<bool> read_exact(void* buffer, size_t length);
   Task<bool> discard(uint64_t length);
-  Task<bool> send_all(iovec* iov, int count);
-  // The writer's send_all: non-blocking sends, waiting for room with wait_for_room().
-  Task<bool> send_out(iovec* iov, int count);
+  // Sends all of `iov`; `flags` are added to MSG_NOSIGNAL. With MSG_DONTWAIT a full socket is
+  // waited for with wait_for_room() instead of in the kernel.
+  Task<bool> send_all(iovec* iov, int count, int flags = 0);
+  // The writer's sends (through the ring, so replies enqueued while it suspends join its next
+  // batch): non-blocking, waiting for room with wait_for_room().
+  Task<bool> send_out(iovec* iov, int count) { return send_all(iov, count, MSG_DONTWAIT); }
   // Waits until the socket takes more bytes. After kStallGrace without room, ends the mappings of
   // every reply not yet sent (their data is copied into buffers), so that a client that stops
   // reading cannot keep a node busy. False when the socket failed.
