@@ -63,36 +63,25 @@ class AsyncRwLock {
   Event changed_;
 };
 
-// An RAII holder for the node lock inside a coroutine frame.
-class SharedGuard {
+// An RAII holder for the node lock inside a coroutine frame: it calls `Unlock` on the lock when it
+// goes out of scope, unless release() did so first. The lock must already be held.
+template <void (AsyncRwLock::*Unlock)() noexcept>
+class LockGuard {
  public:
-  explicit SharedGuard(AsyncRwLock& lock) : lock_(&lock) {}
-  ~SharedGuard() {
-    if (lock_) lock_->unlock_shared();
-  }
+  explicit LockGuard(AsyncRwLock& lock) : lock_(&lock) {}
+  ~LockGuard() { release(); }
+  LockGuard(const LockGuard&) = delete;
+  LockGuard& operator=(const LockGuard&) = delete;
   void release() {
-    if (lock_) lock_->unlock_shared();
+    if (lock_) (lock_->*Unlock)();
     lock_ = nullptr;
   }
 
  private:
   AsyncRwLock* lock_;
 };
-
-class ExclusiveGuard {
- public:
-  explicit ExclusiveGuard(AsyncRwLock& lock) : lock_(&lock) {}
-  ~ExclusiveGuard() {
-    if (lock_) lock_->unlock();
-  }
-  void release() {
-    if (lock_) lock_->unlock();
-    lock_ = nullptr;
-  }
-
- private:
-  AsyncRwLock* lock_;
-};
+using SharedGuard = LockGuard<&AsyncRwLock::unlock_shared>;
+using ExclusiveGuard = LockGuard<&AsyncRwLock::unlock>;
 
 inline uint64_t div_round_up(uint64_t value, uint64_t divisor) {
   return (value + divisor - 1) / divisor;
