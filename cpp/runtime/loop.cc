@@ -10,6 +10,12 @@
 namespace blockd {
 namespace {
 thread_local Loop* current_loop = nullptr;
+
+// A negative duration counts as zero.
+__kernel_timespec to_kernel_timespec(std::chrono::nanoseconds duration) noexcept {
+  const auto count = duration.count() < 0 ? 0 : duration.count();
+  return {.tv_sec = count / 1'000'000'000, .tv_nsec = count % 1'000'000'000};
+}
 }  // namespace
 
 Loop::Loop(unsigned entries) : entries_(entries) {}
@@ -178,12 +184,7 @@ void Loop::stop() {
 }
 
 void Loop::SleepAwaitable::await_suspend(std::coroutine_handle<> handle) noexcept {
-  waiter = handle;
-  complete = [](Completion* self, int res, unsigned) {
-    auto* op = static_cast<SleepAwaitable*>(self);
-    op->result = res;
-    op->waiter.resume();
-  };
+  resume_on_completion(handle);
   io_uring_sqe* sqe = loop->get_sqe();
   io_uring_prep_timeout(sqe, &timeout, 0, 0);
   io_uring_sqe_set_data(sqe, static_cast<Completion*>(this));
@@ -192,19 +193,12 @@ void Loop::SleepAwaitable::await_suspend(std::coroutine_handle<> handle) noexcep
 Loop::SleepAwaitable Loop::sleep(std::chrono::nanoseconds duration) {
   SleepAwaitable awaitable;
   awaitable.loop = this;
-  const auto count = duration.count() < 0 ? 0 : duration.count();
-  awaitable.timeout.tv_sec = count / 1'000'000'000;
-  awaitable.timeout.tv_nsec = count % 1'000'000'000;
+  awaitable.timeout = to_kernel_timespec(duration);
   return awaitable;
 }
 
 void Loop::PollForAwaitable::await_suspend(std::coroutine_handle<> handle) noexcept {
-  waiter = handle;
-  complete = [](Completion* self, int res, unsigned) {
-    auto* op = static_cast<PollForAwaitable*>(self);
-    op->result = res;
-    op->waiter.resume();
-  };
+  resume_on_completion(handle);
   // The poll and its timeout must reach the kernel in one submission to stay linked.
   if (io_uring_sq_space_left(&loop->ring_) < 2) {
     io_uring_submit(&loop->ring_);
@@ -227,9 +221,7 @@ Loop::PollForAwaitable Loop::poll_for(int fd, unsigned events, std::chrono::nano
   awaitable.loop = this;
   awaitable.fd = fd;
   awaitable.events = events;
-  const auto count = timeout.count() < 0 ? 0 : timeout.count();
-  awaitable.timeout.tv_sec = count / 1'000'000'000;
-  awaitable.timeout.tv_nsec = count % 1'000'000'000;
+  awaitable.timeout = to_kernel_timespec(timeout);
   return awaitable;
 }
 

@@ -100,6 +100,15 @@ class Loop {
     Loop* loop;
     std::coroutine_handle<> waiter;
     int result = 0;
+    // Called from await_suspend: the completion stores its result and resumes `handle`.
+    void resume_on_completion(std::coroutine_handle<> handle) noexcept {
+      waiter = handle;
+      complete = [](Completion* self, int res, unsigned) {
+        auto* op = static_cast<Operation*>(self);
+        op->result = res;
+        op->waiter.resume();
+      };
+    }
   };
 
   // Generic awaitable: `Prepare` fills the submission entry.
@@ -109,12 +118,7 @@ class Loop {
     Awaitable(Loop* owner, Prepare prep) : prepare(std::move(prep)) { this->loop = owner; }
     bool await_ready() const noexcept { return false; }
     void await_suspend(std::coroutine_handle<> handle) noexcept {
-      this->waiter = handle;
-      this->complete = [](Completion* self, int res, unsigned) {
-        auto* op = static_cast<Awaitable*>(self);
-        op->result = res;
-        op->waiter.resume();
-      };
+      this->resume_on_completion(handle);
       io_uring_sqe* sqe = this->loop->get_sqe();
       prepare(sqe);
       io_uring_sqe_set_data(sqe, static_cast<Completion*>(this));
