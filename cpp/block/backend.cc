@@ -134,9 +134,9 @@ BlockBackend::MappedRange BlockBackend::map_read(uint64_t offset, uint64_t lengt
 }
 
 BlockBackend::MappedRange BlockBackend::map_write(uint64_t offset, uint64_t length,
-                                                  uint32_t flags) noexcept {
+                                                  uint32_t flags, bool want_memory) noexcept {
   if (!(permissions() & kPermWrite) || writethrough_ || (flags & kRequestFua)) return {};
-  return map(offset, length, MapAccess::kWrite);
+  return map(offset, length, want_memory ? MapAccess::kWriteMemory : MapAccess::kWrite);
 }
 
 Task<void> BlockBackend::drain() noexcept {

@@ -63,6 +63,10 @@ class BlockBackend final : public User {
     uint64_t file_offset() const noexcept { return range_.offset; }
     // The range's bytes in the node's mapping of the file, or null (FileRange::memory).
     const uint8_t* memory() const noexcept { return range_.memory; }
+    // The same, writable: only for a range mapped with want_memory (map_write), else null.
+    uint8_t* writable_memory() const noexcept {
+      return access_ == MapAccess::kWriteMemory ? const_cast<uint8_t*>(range_.memory) : nullptr;
+    }
 
    private:
     friend class BlockBackend;
@@ -77,7 +81,9 @@ class BlockBackend final : public User {
   MappedRange map_read(uint64_t offset, uint64_t length) noexcept;
   // The same for a write with request `flags`. Empty also when this backend lacks the write
   // permission and when the write needs more than the bytes in the file: FUA, writethrough.
-  MappedRange map_write(uint64_t offset, uint64_t length, uint32_t flags) noexcept;
+  // `want_memory`: the caller would copy the bytes in itself (MapAccess::kWriteMemory).
+  MappedRange map_write(uint64_t offset, uint64_t length, uint32_t flags,
+                        bool want_memory = false) noexcept;
 
   // Number of requests currently in flight through this backend.
   uint64_t in_flight() const noexcept { return in_flight_; }

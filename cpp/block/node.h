@@ -62,17 +62,21 @@ struct BlockStatus {
 struct FileRange {
   int fd = -1;
   uint64_t offset = 0;
-  // The same bytes in a read-only shared mapping of that file the node keeps, or null when it has
-  // none covering the whole range. Only for handing to the kernel (sendmsg, write): if another
-  // process shrinks the file, the kernel fails the transfer with EFAULT, while touching the memory
-  // here would raise SIGBUS.
+  // The same bytes in a shared mapping of that file the node keeps, or null when it has none
+  // covering the whole range. Read-only unless the range was mapped with kWriteMemory. If another
+  // process shrinks the file, touching the memory here raises SIGBUS: hand it to the kernel
+  // (sendmsg, write), which fails the transfer with EFAULT, or touch it only inside
+  // run_fault_guarded (runtime/fault_guard.h).
   const uint8_t* memory = nullptr;
 };
 
 // What the caller of Node::map_file will do with the range. A write mapping promises more than a
 // read one: that writing the bytes in the file is all a write needs (no copy-on-write, no
-// metadata to update), for as long as the mapping lasts.
-enum class MapAccess { kRead, kWrite };
+// metadata to update), for as long as the mapping lasts. kWriteMemory is a write mapping whose
+// caller would rather copy the bytes into FileRange::memory itself (small writes, where a copy
+// costs less than a system call): the driver then hands out a writable mapping where it can, and
+// memory stays null where it cannot (the caller writes through the descriptor instead).
+enum class MapAccess { kRead, kWrite, kWriteMemory };
 
 class Node;
 

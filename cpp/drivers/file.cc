@@ -59,6 +59,7 @@ class FileNode final : public block::Node {
 
   ~FileNode() override {
     if (mapping_ != nullptr) munmap(const_cast<uint8_t*>(mapping_), mapping_size_);
+    if (write_mapping_ != nullptr) munmap(write_mapping_, write_mapping_size_);
     // Closing the only descriptor of the open file description releases its image locks.
     if (fd_ >= 0) close(fd_);
   }
@@ -89,11 +90,19 @@ class FileNode final : public block::Node {
   Task<int64_t> write_zeroes(uint64_t offset, uint64_t length, uint32_t flags) noexcept override;
   Task<BlockStatus> block_status(uint64_t offset, uint64_t length) noexcept override;
   // Only files in memory without O_DIRECT: anywhere else a transfer could wait for the disk.
-  block::FileRange map_file(uint64_t offset, uint64_t length, block::MapAccess) noexcept override {
+  block::FileRange map_file(uint64_t offset, uint64_t length,
+                            block::MapAccess access) noexcept override {
     if (!inline_io_ || alignment_ != 1) return {};
     block::FileRange range{fd_, offset};
-    if (offset <= mapped_length_ && length <= mapped_length_ - offset) {
-      range.memory = mapping_ + offset;
+    const uint8_t* memory = mapping_;
+    uint64_t mapped = mapped_length_;
+    if (access == block::MapAccess::kWriteMemory) {
+      map_for_writes();
+      memory = write_mapping_;
+      mapped = write_mapped_length_;
+    }
+    if (memory != nullptr && offset <= mapped && length <= mapped - offset) {
+      range.memory = memory + offset;
     }
     return range;
   }
@@ -171,6 +180,8 @@ class FileNode final : public block::Node {
   Status probe_alignment();
   // Maps the first `length` bytes of the file (see mapping_).
   void map_content(uint64_t length);
+  // Maps the file writable (see write_mapping_), on the first call while the node is writable.
+  void map_for_writes() noexcept;
 
   FileOptions file_options_;
   int fd_;
@@ -194,6 +205,15 @@ class FileNode final : public block::Node {
   const uint8_t* mapping_ = nullptr;
   uint64_t mapping_size_ = 0;
   uint64_t mapped_length_ = 0;
+  // The same file mapped writable and shared, for callers that copy small writes in themselves
+  // (MapAccess::kWriteMemory), over the file's length when the first of them came; mapped on
+  // demand, not at open, because a writable mapping keeps others from sealing a memfd against
+  // writes (F_SEAL_WRITE fails with EBUSY), which nothing but such writes should cost.
+  // [0, write_mapped_length_) is file content, lowered as mapped_length_ is.
+  uint8_t* write_mapping_ = nullptr;
+  uint64_t write_mapping_size_ = 0;
+  uint64_t write_mapped_length_ = 0;
+  bool write_mapping_tried_ = false;
   bool use_lock_ = false;
   bool dsync_supported_ = true;
   uint32_t alignment_ = 1;         // offsets and lengths
@@ -272,6 +292,20 @@ void FileNode::map_content(uint64_t length) {
   if (address == MAP_FAILED) return;
   mapping_ = static_cast<const uint8_t*>(address);
   mapping_size_ = mapped_length_ = length;
+}
+
+void FileNode::map_for_writes() noexcept {
+  if (write_mapping_tried_ || read_only()) return;
+  write_mapping_tried_ = true;
+  // fd_ is open for writing. Best effort: a sealed memfd (EPERM) or a lack of address space
+  // leaves small writes on pwrite.
+  struct stat st;
+  if (fstat(fd_, &st) != 0 || st.st_size <= 0) return;
+  const auto length = static_cast<uint64_t>(st.st_size);
+  void* address = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
+  if (address == MAP_FAILED) return;
+  write_mapping_ = static_cast<uint8_t*>(address);
+  write_mapping_size_ = write_mapped_length_ = length;
 }
 
 Status FileNode::probe_alignment() {
@@ -688,6 +722,7 @@ Task<int64_t> FileNode::truncate(uint64_t size) noexcept {
   if (ftruncate(fd_, static_cast<off_t>(size)) != 0) co_return -errno;
   if (size < data_extent_end_) data_extent_start_ = data_extent_end_ = 0;
   mapped_length_ = std::min(mapped_length_, size);
+  write_mapped_length_ = std::min(write_mapped_length_, size);
   set_size(static_cast<int64_t>((size + kSectorSize - 1) / kSectorSize * kSectorSize));
   co_return 0;
 }

@@ -20,8 +20,8 @@ import pytest
 
 from blockd.testing.clients import import_core, import_libnbd
 from blockd.testing.nbd_wire import (
-    CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_PAYLOAD_LEN, CMD_READ, CMD_WRITE, OPT_EXTENDED_HEADERS,
-    REP_ACK, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, WireClient,
+    CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_PAYLOAD_LEN, CMD_READ, CMD_WRITE, EXTENDED_REQUEST_MAGIC,
+    OPT_EXTENDED_HEADERS, REP_ACK, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, WireClient,
 )
 
 # The engine session and socket fixtures of the main NBD export tests.
@@ -354,7 +354,8 @@ def test_pipelined_small_writes_and_reads_land_in_the_file(session: Session, soc
         h.poll(-1)
     for start, length, buffer, cookie in reads_in_flight:
         assert h.aio_command_completed(cookie)
-        assert buffer.to_bytearray() == model[offset + start:offset + start + length], (start, length)
+        wanted = model[offset + start:offset + start + length]
+        assert buffer.to_bytearray() == wanted, (start, length)
     h.shutdown()
     session.qmp("block-export-del", id="exp0")
     assert (shm / "disk.raw").read_bytes() == bytes(model)
@@ -410,6 +411,47 @@ def test_pipelined_small_extended_writes_and_reads(session: Session, sock: str, 
     c.close()
     assert image.read_bytes()[-4097:] == pattern(MiB + 100, seed=3)[MiB - 3585:MiB - 3584] + \
         b"t" * 4096
+
+
+def test_small_writes_into_a_file_shrunk_behind_the_mapping(session: Session, sock: str,
+                                                            shm: Path) -> None:
+    """Small writes go into a writable mapping of the file. When another process shrinks the file,
+    copying into the pages past its new end raises SIGBUS: the server survives, writes that batch
+    with pwrite instead (which grows the file again, as any write past the end does), and every
+    write is answered and lands."""
+    image = shm / "shrinking.raw"
+    size = 4 * MiB
+    model = bytearray(pattern(size, seed=21))
+    image.write_bytes(model)
+    session.qmp("blockdev-add", driver="file", node_name="file0", filename=str(image))
+    serve(session, sock, "file0")
+    c = WireClient(sock)
+    c.greet()
+    assert c.simple_option(OPT_EXTENDED_HEADERS) == REP_ACK
+    c.go(b"disk")
+    c.request(CMD_WRITE, 4096, 4096, 1, b"m" * 4096, flags=CMD_FLAG_PAYLOAD_LEN)
+    assert c.read_reply().error == 0  # the mapping now covers the whole file
+    model[4096:8192] = b"m" * 4096
+    os.truncate(image, MiB)
+    model[MiB:] = bytes(size - MiB)
+    # One burst: writes before and past the new end arrive in the same receive.
+    burst = b""
+    writes = [(8192, 4096), (2 * MiB, 4096), (MiB - 100, 4096), (3 * MiB + 1, 3000), (16384, 512)]
+    for cookie, (start, length) in enumerate(writes, start=10):
+        chunk = pattern(length, seed=cookie)
+        model[start:start + length] = chunk
+        burst += struct.pack(">IHHQQQ", EXTENDED_REQUEST_MAGIC, CMD_FLAG_PAYLOAD_LEN, CMD_WRITE,
+                             cookie, start, length) + chunk
+    c.s.sendall(burst)
+    for _ in writes:
+        assert c.read_reply().error == 0
+    # The connection carries on, and reads see the writes.
+    c.request(CMD_READ, 2 * MiB, 4096, 20)
+    assert c.read_reply().chunks[0].payload[8:] == model[2 * MiB:2 * MiB + 4096]
+    c.close()
+    data = image.read_bytes()
+    assert len(data) == 3 * MiB + 3001
+    assert data == bytes(model[:3 * MiB + 3001])
 
 
 def test_write_errors_of_the_file_reach_the_client(session: Session, sock: str) -> None:

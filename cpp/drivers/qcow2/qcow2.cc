@@ -703,7 +703,7 @@ int64_t Qcow2Node::contiguous_host_run(uint64_t offset, uint64_t length, bool wr
 
 block::FileRange Qcow2Node::map_file(uint64_t offset, uint64_t length,
                                      block::MapAccess access) noexcept {
-  const bool write = access == block::MapAccess::kWrite;
+  const bool write = access != block::MapAccess::kRead;
   if (length == 0 || offset > header_.size || length > header_.size - offset) return {};
   if (write && read_only()) return {};
   if (!lock_.try_lock_shared()) return {};

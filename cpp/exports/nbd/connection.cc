@@ -19,11 +19,14 @@
 // the socket into the file through a pipe (splice), so the loop thread copies no byte of it (the
 // kernel copies a write once). A small read goes from the node's mapping of the file
 // (FileRange::memory) in the sendmsg that carries its header: no read system call. The reader
-// completes such reads itself, and small writes whose payload came whole with the header (one
-// pwrite from the receive buffer into the file), queueing their replies with no task, no buffer
-// and no trip through the node's coroutines (complete_inline). Once a read's header is on the
-// wire, a failed transfer (the file shrunk by another process: EFAULT) can only end the
-// connection, as proto.md requires of a reply that cannot be completed.
+// completes such reads itself, and small writes whose payload came whole with the header,
+// queueing their replies with no task, no buffer and no trip through the node's coroutines
+// (complete_inline). Those payloads are copied from the receive buffer into a writable mapping
+// of the file, all the writes of one receive in one run_fault_guarded call (no system call per
+// write); if another process shrank the file, the guard turns the SIGBUS into an error and the
+// batch is written again with pwrite. Once a read's header is on the wire, a failed transfer
+// (the file shrunk: EFAULT) can only end the connection, as proto.md requires of a reply that
+// cannot be completed.
 //
 // A mapping may hold its node busy (a qcow2 node cannot flush, discard or snapshot meanwhile), so
 // a client must not keep one alive by not reading or by trickling a payload: after kStallGrace
@@ -45,6 +48,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "runtime/fault_guard.h"
 #include "runtime/hop.h"
 
 namespace blockd::exports::nbd {
@@ -342,12 +346,14 @@ Task<bool> Connection::receive_into_file(int file_fd, uint64_t file_offset, uint
                                          int& file_error, uint64_t& received) {
   file_error = 0;
   received = 0;
+  flush_mapped_writes();  // their payloads lie in the receive buffer, which is reused below
   auto position = static_cast<off64_t>(file_offset);
   // The start of the payload may have come in with the request header.
   const size_t buffered =
       static_cast<size_t>(std::min<uint64_t>(receive_end_ - receive_start_, length));
   if (buffered > 0) {
-    file_error = write_whole(file_fd, receive_buffer_.get() + receive_start_, buffered, file_offset);
+    file_error =
+        write_whole(file_fd, receive_buffer_.get() + receive_start_, buffered, file_offset);
   }
   receive_start_ += buffered;
   position += static_cast<off64_t>(buffered);
@@ -719,6 +725,7 @@ void Connection::mark_broken() noexcept {
 }
 
 void Connection::reader_idle() noexcept {
+  flush_mapped_writes();
   reader_busy_ = false;
   if (queue_head_ != nullptr && queue_changed_.has_waiters()) queue_changed_.notify_all();
 }
@@ -1133,14 +1140,16 @@ bool Connection::complete_inline(const Request& request, uint64_t payload_length
     mapped = backend.map_read(request.offset, request.length);
     if (!mapped || mapped.memory() == nullptr) return false;
   } else {
-    // Only a payload that came whole with its header: one pwrite from the receive buffer, where
-    // the usual path copies it into a buffer first and writes it through the node's tasks.
+    // Only a payload that came whole with its header: it goes from the receive buffer into the
+    // node's writable mapping of the file (no system call) or, without one, with one pwrite,
+    // where the usual path copies it into a buffer first and writes it through the node's tasks.
     if (payload_length == 0 || payload_length >= kMappedWriteThreshold ||
         receive_end_ - receive_start_ < payload_length) {
       return false;
     }
     mapped = backend.map_write(request.offset, payload_length,
-                               (request.flags & kCmdFlagFua) ? uint32_t{block::kRequestFua} : 0u);
+                               (request.flags & kCmdFlagFua) ? uint32_t{block::kRequestFua} : 0u,
+                               /*want_memory=*/true);
     if (!mapped) return false;
   }
   InlineReply& reply = take_reply();
@@ -1158,6 +1167,16 @@ bool Connection::complete_inline(const Request& request, uint64_t payload_length
     reply.add(reply.header, size);
     reply.add(mapped.memory(), static_cast<size_t>(request.length));
     reply.mapped = std::move(mapped);
+  } else if (uint8_t* target = mapped.writable_memory()) {
+    // Copied in with the rest of the batch, before the receive buffer is refilled.
+    reply.request = request;
+    reply.source = receive_buffer_.get() + receive_start_;
+    reply.target = target;
+    reply.length = static_cast<size_t>(payload_length);
+    reply.mapped = std::move(mapped);
+    receive_start_ += reply.length;
+    mapped_writes_.push_back(&reply);
+    return true;
   } else {
     const int ret = write_whole(mapped.fd(), receive_buffer_.get() + receive_start_,
                                 payload_length, mapped.file_offset());
@@ -1174,10 +1193,47 @@ bool Connection::complete_inline(const Request& request, uint64_t payload_length
   return true;
 }
 
+void Connection::flush_mapped_writes() noexcept {
+  if (mapped_writes_.empty()) return;
+  // One guarded call for the whole batch: the guard costs two system calls, a small write alone
+  // would pay for it what a pwrite costs.
+  auto copy_all = [this]() noexcept -> int64_t {
+    for (const InlineReply* write : mapped_writes_) {
+      // Each page is read before it is written: a read fault maps the neighbouring pages of the
+      // file too (fault-around), a write fault only its own, so random writes to a fresh mapping
+      // fault a sixteenth as often.
+      const auto start = reinterpret_cast<uintptr_t>(write->target);
+      for (uintptr_t page = start & ~uintptr_t{4095}; page < start + write->length; page += 4096) {
+        (void)*reinterpret_cast<const volatile uint8_t*>(page);
+      }
+      std::memcpy(write->target, write->source, write->length);
+    }
+    return 0;
+  };
+  const bool faulted = run_fault_guarded(copy_all) < 0;
+  for (InlineReply* write : mapped_writes_) {
+    int ret = 0;
+    // The file shrank under the mapping: every write of the batch goes again, in order, through
+    // the descriptor, as it would have without the mapping.
+    if (faulted) ret = write_whole(write->mapped.fd(), write->source, write->length,
+                                   write->mapped.file_offset());
+    write->mapped = {};
+    write->add(write->header, encode_status_reply(write->header, reply_mode_, write->request,
+                                                  ret < 0 ? errno_to_nbd(ret) : 0));
+    if (broken_) {
+      recycle(*write);
+    } else {
+      enqueue(*write);
+    }
+  }
+  mapped_writes_.clear();
+}
+
 Connection::InlineReply& Connection::take_reply() {
   if (spare_replies_.empty()) {
     inline_replies_.push_back(std::make_unique<InlineReply>());
     spare_replies_.reserve(inline_replies_.size());  // recycle() never allocates
+    mapped_writes_.reserve(inline_replies_.size());
     return *inline_replies_.back();
   }
   InlineReply* reply = spare_replies_.back();

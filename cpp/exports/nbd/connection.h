@@ -104,6 +104,12 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // the writer recycles it once sent. Owned by the connection (spare_replies_ or the queue).
   struct InlineReply : PendingReply {
     uint8_t header[kExtendedChunkHeaderSize + 8];
+    // A write waiting in mapped_writes_: its request, and its payload's place in the receive
+    // buffer and in the node's writable mapping (reply.mapped).
+    Request request;
+    const uint8_t* source = nullptr;
+    uint8_t* target = nullptr;
+    size_t length = 0;
   };
   struct SendAwaiter {
     Connection* connection;
@@ -168,6 +174,11 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // receive buffer into the file with one pwrite. True when the request was handled (its payload
   // consumed and its reply queued); false when it must take the usual path (nothing consumed).
   bool complete_inline(const Request& request, uint64_t payload_length);
+  // Copies the payloads of mapped_writes_ into the node's mapping, in one fault-guarded call (a
+  // file shrunk by another process makes them all go through pwrite instead), and queues their
+  // replies. Called before the receive buffer they lie in is refilled, i.e. whenever the reader
+  // goes idle.
+  void flush_mapped_writes() noexcept;
   // A reply from spare_replies_ (or a new one).
   InlineReply& take_reply();
   // Returns a sent (or never sent) inline reply to spare_replies_ and ends its request; the
@@ -215,6 +226,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // Every inline reply made so far (at most max_requests_in_flight), and those ready for reuse.
   std::vector<std::unique_ptr<InlineReply>> inline_replies_;
   std::vector<InlineReply*> spare_replies_;
+  // Small writes of this receive buffer's worth of requests, to be copied into a file mapping.
+  std::vector<InlineReply*> mapped_writes_;
   // The replies the writer is sending now.
   std::vector<PendingReply*> sending_;
   // The client took nothing for kStallGrace while replies waited: until the queue is empty again,
