@@ -20,8 +20,9 @@ import pytest
 
 from blockd.testing.clients import import_core, import_libnbd
 from blockd.testing.nbd_wire import (
-    CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_PAYLOAD_LEN, CMD_READ, CMD_WRITE, EXTENDED_REQUEST_MAGIC,
-    OPT_EXTENDED_HEADERS, REP_ACK, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, WireClient,
+    CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_PAYLOAD_LEN, CMD_READ, CMD_WRITE, CMD_WRITE_ZEROES,
+    EXTENDED_REQUEST_MAGIC, OPT_EXTENDED_HEADERS, REP_ACK, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA,
+    REQUEST_MAGIC, WireClient,
 )
 
 # The engine session and socket fixtures of the main NBD export tests.
@@ -452,6 +453,36 @@ def test_small_writes_into_a_file_shrunk_behind_the_mapping(session: Session, so
     data = image.read_bytes()
     assert len(data) == 3 * MiB + 3001
     assert data == bytes(model[:3 * MiB + 3001])
+
+
+def test_a_burst_of_overlapping_writes_lands_in_the_order_sent(session: Session, sock: str,
+                                                               shm: Path) -> None:
+    """Small writes copied into the mapping at the end of a receive still reach the file before
+    the requests sent after them in the same receive (a FUA write, write zeroes, a large write)."""
+    image = shm / "ordered.raw"
+    image.write_bytes(pattern(2 * MiB, seed=31))
+    session.qmp("blockdev-add", driver="file", node_name="file0", filename=str(image))
+    serve(session, sock, "file0")
+    c = WireClient(sock)
+    c.greet()
+    c.go(b"disk")
+    steps = [(CMD_WRITE, 0, b"a" * 4096, 0), (CMD_WRITE, 0, b"b" * 4096, CMD_FLAG_FUA),
+             (CMD_WRITE, 8192, b"c" * 4096, 0), (CMD_WRITE_ZEROES, 8192, 4096, 0),
+             (CMD_WRITE, 65536, b"d" * 512, 0), (CMD_WRITE, 65536, b"e" * 65536, 0),
+             (CMD_WRITE, 0, b"f" * 100, 0)]
+    burst = b""
+    for cookie, (cmd, start, payload, flags) in enumerate(steps, start=1):
+        length = payload if isinstance(payload, int) else len(payload)
+        burst += struct.pack(">IHHQQI", REQUEST_MAGIC, flags, cmd, cookie, start, length)
+        burst += b"" if isinstance(payload, int) else payload
+    c.s.sendall(burst)
+    for _ in steps:
+        assert c.read_reply().error == 0
+    c.close()
+    data = image.read_bytes()
+    assert data[:4096] == b"f" * 100 + b"b" * 3996
+    assert data[8192:12288] == bytes(4096)
+    assert data[65536:131072] == b"e" * 65536
 
 
 def test_write_errors_of_the_file_reach_the_client(session: Session, sock: str) -> None:

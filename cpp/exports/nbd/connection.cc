@@ -1178,6 +1178,7 @@ bool Connection::complete_inline(const Request& request, uint64_t payload_length
     mapped_writes_.push_back(&reply);
     return true;
   } else {
+    flush_mapped_writes();  // in the order they were sent
     const int ret = write_whole(mapped.fd(), receive_buffer_.get() + receive_start_,
                                 payload_length, mapped.file_offset());
     receive_start_ += static_cast<size_t>(payload_length);
@@ -1368,6 +1369,9 @@ Task<void> Connection::transmission() {
         (request->type == kCmdRead || request->type == kCmdWrite) && !buffer && !written) {
       final_error = kEnomem;
     }
+    // The task may do its I/O at once: the small writes received before it go first, so that
+    // requests of one receive reach the node in the order they were sent.
+    flush_mapped_writes();
     ++in_flight_;
     buffered_bytes_ += buffer.capacity();
     loop_->spawn(
