@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import random
+import select
 import shutil
 import struct
 import subprocess
@@ -483,6 +484,34 @@ def test_a_burst_of_overlapping_writes_lands_in_the_order_sent(session: Session,
     assert data[:4096] == b"f" * 100 + b"b" * 3996
     assert data[8192:12288] == bytes(4096)
     assert data[65536:131072] == b"e" * 65536
+
+
+def test_small_write_payload_split_across_receives(session: Session, sock: str,
+                                                  shm: Path) -> None:
+    """Small writes after which the client stops mid-payload: their start is kept in the receive
+    buffer and the rest received after it, and the writes before them are answered meanwhile."""
+    image = shm / "split.raw"
+    image.write_bytes(pattern(MiB, seed=41))
+    model = bytearray(image.read_bytes())
+    session.qmp("blockdev-add", driver="file", node_name="file0", filename=str(image))
+    serve(session, sock, "file0")
+    c = WireClient(sock)
+    c.greet()
+    c.go(b"disk")
+    for cookie, start in enumerate((4096, 100000, 700001), start=1):
+        before, split = pattern(4096, seed=cookie), pattern(4096, seed=10 + cookie)
+        c.s.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, cookie, start, 4096) +
+                    before +
+                    struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, 10 + cookie, start + 8192,
+                                4096) + split[:1000 * cookie])
+        assert c.simple_reply() == (0, cookie)  # the whole write before is answered
+        assert not select.select([c.s], [], [], 0.05)[0]  # the split one waits for its rest
+        c.s.sendall(split[1000 * cookie:])
+        assert c.simple_reply() == (0, 10 + cookie)
+        model[start:start + 4096] = before
+        model[start + 8192:start + 12288] = split
+    c.close()
+    assert image.read_bytes() == bytes(model)
 
 
 def test_write_errors_of_the_file_reach_the_client(session: Session, sock: str) -> None:

@@ -213,6 +213,26 @@ Task<bool> Connection::read_exact(void* buffer, size_t length) {
   co_return true;
 }
 
+Task<bool> Connection::buffer_at_least(size_t length) {
+  while (receive_end_ - receive_start_ < length) {
+    reader_idle();  // also copies out the small writes, whose payloads are about to move
+    if (!receive_buffer_) receive_buffer_.reset(new uint8_t[kReceiveBufferSize]);
+    const size_t left = receive_end_ - receive_start_;
+    std::memmove(receive_buffer_.get(), receive_buffer_.get() + receive_start_, left);
+    receive_start_ = 0;
+    receive_end_ = left;
+    const int got =
+        co_await loop_->recv(fd_, receive_buffer_.get() + left, kReceiveBufferSize - left, 0);
+    if (got <= 0) {
+      if (got == -EINTR || got == -EAGAIN) continue;
+      co_return false;
+    }
+    reader_busy_ = true;
+    receive_end_ += static_cast<size_t>(got);
+  }
+  co_return true;
+}
+
 Task<bool> Connection::discard(uint64_t length) {
   while (length > 0) {
     const size_t buffered = receive_end_ - receive_start_;
@@ -1199,14 +1219,16 @@ void Connection::flush_mapped_writes() noexcept {
   // One guarded call for the whole batch: the guard costs two system calls, a small write alone
   // would pay for it what a pwrite costs.
   auto copy_all = [this]() noexcept -> int64_t {
+    // Every page is read before any is written: a read fault maps the neighbouring pages of the
+    // file too (fault-around), a write fault only its own, so random writes to a fresh mapping
+    // fault a sixteenth as often; and the cache misses of all the pages overlap.
     for (const InlineReply* write : mapped_writes_) {
-      // Each page is read before it is written: a read fault maps the neighbouring pages of the
-      // file too (fault-around), a write fault only its own, so random writes to a fresh mapping
-      // fault a sixteenth as often.
       const auto start = reinterpret_cast<uintptr_t>(write->target);
       for (uintptr_t page = start & ~uintptr_t{4095}; page < start + write->length; page += 4096) {
         (void)*reinterpret_cast<const volatile uint8_t*>(page);
       }
+    }
+    for (const InlineReply* write : mapped_writes_) {
       std::memcpy(write->target, write->source, write->length);
     }
     return 0;
@@ -1312,6 +1334,13 @@ Task<void> Connection::transmission() {
     RequestContext context = base;
     context.export_size = static_cast<uint64_t>(export_->backend().size());
     if (error == 0) error = validate_request(*request, context);
+    // A small payload that only began in this receive is received whole into the receive buffer
+    // (what read_exact would do anyway), so that the write can complete inline.
+    static_assert(kMappedWriteThreshold <= kReceiveBufferSize / 2);
+    if (error == 0 && request->type == kCmdWrite && payload_length < kMappedWriteThreshold &&
+        !co_await buffer_at_least(static_cast<size_t>(payload_length))) {
+      break;
+    }
     if (error == 0 && complete_inline(*request, payload_length)) continue;
     Buffer buffer;
     bool written = false;

@@ -124,6 +124,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // payloads bypass it.
   Task<bool> read_exact(void* buffer, size_t length);
   Task<bool> discard(uint64_t length);
+  // Receives until the receive buffer holds at least `length` (at most half its size) unread
+  // bytes, moving them to its start first; false when the client is gone.
+  Task<bool> buffer_at_least(size_t length);
   // Sends all of `iov`; `flags` are added to MSG_NOSIGNAL. With MSG_DONTWAIT a full socket is
   // waited for with wait_for_room() instead of in the kernel.
   Task<bool> send_all(iovec* iov, int count, int flags = 0);
