@@ -11,6 +11,9 @@ namespace blockd {
 namespace {
 thread_local Loop* current_loop = nullptr;
 
+// How many non-blocking iterations run() may add after stop() to submit what the last ones queued.
+constexpr int kSettleRounds = 8;
+
 // A negative duration counts as zero.
 __kernel_timespec to_kernel_timespec(std::chrono::nanoseconds duration) noexcept {
   const auto count = duration.count() < 0 ? 0 : duration.count();
@@ -166,6 +169,11 @@ void Loop::run() {
   current_loop = this;
   while (!stop_requested_.load(std::memory_order_acquire)) iterate(true);
   stop_requested_.store(false, std::memory_order_relaxed);
+  // The last iteration's completions may have queued submissions, typically the cancellation of
+  // a timer whose completion frees its owner: hand them to the kernel and handle what completes
+  // at once, or those owners would leak with the ring. Bounded, never blocking: operations that
+  // wait for something (a socket, a timer not cancelled) stay pending as before.
+  for (int round = 0; round < kSettleRounds && pending_submissions_ > 0; ++round) iterate(false);
   run_posted();
   current_loop = previous;
 }

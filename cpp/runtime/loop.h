@@ -55,7 +55,7 @@ class Loop {
   // Runs iterations until `done()` returns true (checked after every iteration). For tests and for
   // draining: deterministic, no sleeps; blocks in the kernel only while work is outstanding.
   void run_until(const std::function<bool()>& done);
-  // Makes run() return after the current iteration. Safe from any thread.
+  // Makes run() return after the current iteration and the submissions it queued. Any thread.
   void stop();
 
   // Queues `work` to run on the loop thread. Safe from any thread, including the loop's own.

@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -168,6 +169,40 @@ TEST(LoopTest, TimerOrdering) {
   }
   loop->run_until([&] { return finished == 3; });
   EXPECT_EQ(order, (std::vector<int>{1, 2, 3}));
+}
+
+// A completion that frees itself (the NBD client's attempt deadline) relies on its cancellation
+// being completed. A cancel queued by the iteration in which stop() takes effect must still reach
+// the kernel before run() returns, with the completion it ends handled.
+TEST(LoopTest, RunSettlesACancelQueuedByItsLastIteration) {
+  struct Timer : Completion {
+    Loop* loop = nullptr;
+    Timer* target = nullptr;  // cancelled, and the loop stopped, when this timer fires
+    __kernel_timespec timeout{};
+    int result = 1;
+  };
+  Timer long_timer;
+  Timer short_timer;
+  auto loop = make_loop();
+  long_timer.timeout.tv_sec = 60;
+  long_timer.complete = [](Completion* self, int result, unsigned) {
+    static_cast<Timer*>(self)->result = result;
+  };
+  short_timer.loop = loop.get();
+  short_timer.target = &long_timer;
+  short_timer.complete = [](Completion* self, int, unsigned) {
+    auto* timer = static_cast<Timer*>(self);
+    timer->loop->cancel(timer->target);
+    timer->loop->stop();
+  };
+  for (Timer* timer : {&long_timer, &short_timer}) {
+    io_uring_sqe* sqe = loop->get_sqe();
+    io_uring_prep_timeout(sqe, &timer->timeout, 0, 0);
+    io_uring_sqe_set_data(sqe, static_cast<Completion*>(timer));
+  }
+  loop->run();
+  EXPECT_EQ(long_timer.result, -ECANCELED);
+  EXPECT_EQ(loop->in_flight(), 0u);
 }
 
 TEST(LoopThreadTest, PostAndCallAcrossThreads) {
