@@ -25,6 +25,7 @@
 #include <functional>
 
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "drivers/qemu_json.h"
@@ -256,12 +257,26 @@ struct GuardedPart {
   }
 };
 
+// How many comparisons run whole on the calling thread after a split that did not pay.
+constexpr unsigned kSplitBackoff = 32;
+
+uint64_t now_ns() noexcept {
+  timespec now{};
+  clock_gettime(CLOCK_MONOTONIC, &now);
+  return static_cast<uint64_t>(now.tv_sec) * 1000000000u + static_cast<uint64_t>(now.tv_nsec);
+}
+
 // Whether all children agree on the request (`length` bytes), with child 0's bytes copied to
 // mapped.copy when it is not null. From kSplitThreshold on, a worker thread takes the second
 // half while this thread does the first: memory bandwidth per core is what such a comparison
-// costs. Any thread; blocks, never suspends.
+// costs. That pays only while another core is free: when the calling thread, done with its half,
+// has to wait a quarter of that time again for the worker's (the worker was not scheduled, or was
+// preempted: the machine is busy), the next kSplitBackoff comparisons of this thread run whole,
+// sparing the hand-offs' CPU and the idle waits. Any thread; blocks, never suspends.
 bool compare_in_place(const MappedSources& mapped, uint64_t length) noexcept {
-  if (length < kSplitThreshold) {
+  static thread_local unsigned unsplit = 0;
+  if (length < kSplitThreshold || unsplit > 0) {
+    if (length >= kSplitThreshold) --unsplit;
     GuardedPart whole{&mapped, 0, length};
     whole.run();
     return whole.agreed;
@@ -269,9 +284,15 @@ bool compare_in_place(const MappedSources& mapped, uint64_t length) noexcept {
   const uint64_t half = (length / 2 + kSpan - 1) / kSpan * kSpan;
   GuardedPart first{&mapped, 0, half};
   GuardedPart second{&mapped, half, length - half};
-  auto run_first = [&first]() noexcept { first.run(); };
+  const uint64_t start = now_ns();
+  uint64_t first_done = 0;
+  auto run_first = [&first, &first_done]() noexcept {
+    first.run();
+    first_done = now_ns();
+  };
   auto run_second = [&second]() noexcept { second.run(); };
   ThreadPool::shared().run_beside(run_first, run_second);
+  if ((now_ns() - first_done) * 4 > first_done - start) unsplit = kSplitBackoff;
   return first.agreed && second.agreed;
 }
 
