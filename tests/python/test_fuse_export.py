@@ -557,7 +557,7 @@ def mmap_buffer(size: int) -> Any:
     return mmap.mmap(-1, size)
 
 
-# ---- Large requests: a 1 MiB READ or WRITE reaches the node as 256 KiB pieces, all in flight.
+# ---- Large requests: a lone 1 MiB READ reaches the node as 256 KiB pieces, all in flight.
 
 PIECE = 256 * 1024
 
@@ -627,8 +627,8 @@ def test_large_direct_writes_past_the_end_grow_the_node(setup: Setup) -> None:
 
 
 def test_a_failing_piece_fails_the_whole_request(setup: Setup) -> None:
-    """An error in one piece of a 1 MiB request (blkdebug, in its third piece) is the request's
-    error, with its errno; requests that do not touch that sector succeed."""
+    """An error in one piece of a 1 MiB read (blkdebug, in its third piece) is the request's
+    error, with its errno, as is one in a write; requests that do not touch that sector succeed."""
     setup.start()
     bad_sector = (2 * PIECE + 8192) // 512
     setup.proc.qmp.command("blockdev-add", {
@@ -642,7 +642,6 @@ def test_a_failing_piece_fails_the_whole_request(setup: Setup) -> None:
         with pytest.raises(OSError) as info:
             _direct_pread(fd, MiB, 0)
         assert info.value.errno == errno.EIO
-        # (The pieces that did not fail are written: a failed write leaves its range undefined.)
         with pytest.raises(OSError) as info:
             _direct_pwrite(fd, os.urandom(MiB), 0)
         assert info.value.errno == errno.ENOSPC

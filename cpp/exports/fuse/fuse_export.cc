@@ -30,21 +30,21 @@
 // decoded by then) and sent from there. Files are opened with FOPEN_DIRECT_IO so that the page
 // cache neither copies nor delays anything and every read reaches the node.
 //
-// Large requests. With FOPEN_DIRECT_IO the kernel turns a synchronous read or write (pread,
-// pwrite: psync, dd) into one request per max_read/max_write bytes and sends them one after the
-// other, so a 1 MiB pread is a single request here and its caller waits for all of it; handed to
-// the node whole, it reaches a disk as one 1 MiB request at queue depth 1. So a READ or WRITE
-// longer than kPieceBytes that arrives while no other read or write is in progress goes to the
-// node as pieces of at most kPieceBytes (cut on multiples of kPieceBytes in the node), all in
-// flight at once, and is answered when the last has finished, with the first error if any
-// failed. A client that keeps several requests in flight gives the node that parallelism itself,
-// and writethrough exports keep whole writes (each piece would carry a flush of its own). On this
-// project's virtual disk the pieces did as well as whole requests when the disk was otherwise
-// idle and up to twice as well when other I/O competed for it. What remains between a
-// synchronous 1 MiB read here and one on the image itself is the copy of the reply into the
-// caller's pages and two more wake-ups. Letting the kernel split such requests instead (no
-// FOPEN_DIRECT_IO for O_DIRECT opens, which then take its asynchronous direct I/O path, with a
-// smaller max_read/max_write) did no better: each piece costs a FUSE round trip of its own.
+// Large reads. With FOPEN_DIRECT_IO the kernel turns a synchronous read (pread: psync, dd) into
+// one request per max_read bytes and sends them one after the other, so a 1 MiB pread is a
+// single request here and its caller waits for all of it; handed to the node whole, it reaches a
+// disk as one 1 MiB request at queue depth 1. So a READ longer than kPieceBytes that arrives
+// while no other read is in progress goes to the node as pieces of at most kPieceBytes (cut on
+// multiples of kPieceBytes in the node), all in flight at once, and is answered when the last
+// has finished, with the first error if any failed. A client that keeps several requests in
+// flight gives the node that parallelism itself. On this project's virtual disk the pieces did
+// about as well as whole requests when the disk was otherwise idle and up to twice as well when
+// other I/O competed for it. WRITEs stay whole: in pieces they cost io_uring writes at queue
+// depth 8 some 15% on an idle disk. What remains between a synchronous 1 MiB read here and one
+// on the image itself is the copy of the reply into the caller's pages and two more wake-ups.
+// Letting the kernel split such requests instead (no FOPEN_DIRECT_IO for O_DIRECT opens, which
+// then take its asynchronous direct I/O path, with a smaller max_read/max_write) did no better:
+// each piece costs a FUSE round trip of its own.
 #define FUSE_USE_VERSION 312
 
 #include "exports/fuse/fuse_export.h"
@@ -80,8 +80,8 @@ constexpr size_t kWriteHeader = sizeof(fuse_in_header) + sizeof(fuse_write_in);
 // What one read(2) of /dev/fuse may return: the kernel needs room for a header plus max_write.
 constexpr size_t kRequestRoom = FuseExport::kMaxTransfer + kPage;
 constexpr size_t kSlotBytes = FuseExport::kMaxTransfer + 2 * kPage;
-// Reads and writes longer than this reach the node in pieces, all in flight at once (see "Large
-// requests" above). 256 KiB: 128 KiB pieces did worse in our runs.
+// Reads longer than this reach the node in pieces, all in flight at once (see "Large reads"
+// above). 256 KiB: 128 KiB pieces did worse in our runs.
 constexpr uint64_t kPieceBytes = 256 * 1024;
 // Requests the reader takes from /dev/fuse in one go before it lets the loop run other work.
 constexpr size_t kReadBatch = 32;
@@ -257,7 +257,7 @@ struct FuseExport::Handlers {
             ? 0
             : std::min<uint64_t>({size, node_size - offset, uint64_t{kMaxTransfer}});
     const int64_t ret =
-        length ? co_await e.transfer(Direction::kRead, offset, length, slot->data()) : int64_t{0};
+        length ? co_await e.read_node(offset, length, slot->data()) : int64_t{0};
     if (ret < 0) {
       fuse_reply_err(req, fuse_errno(ret));
     } else {
@@ -289,9 +289,7 @@ struct FuseExport::Handlers {
       if (ret < 0) plan.error = fuse_errno(ret);
     }
     if (plan.error == 0 && plan.length != 0) {
-      // The payload lies in the slot, which this request holds until its reply.
-      auto* payload = reinterpret_cast<uint8_t*>(const_cast<char*>(buffer));
-      const int64_t ret = co_await e.transfer(Direction::kWrite, offset, plan.length, payload);
+      const int64_t ret = co_await e.backend_->write(offset, plan.length, buffer, 0);
       if (ret < 0) plan.error = fuse_errno(ret);
     }
     if (--e.writes_ == 0 && e.writes_changed_.has_waiters()) e.writes_changed_.notify_all();
@@ -586,41 +584,32 @@ void FuseExport::fill_stat(struct stat& st) const noexcept {
   st.st_ctim = ctime_;
 }
 
-Task<int64_t> FuseExport::transfer(Direction direction, uint64_t offset, uint64_t length,
-                                   uint8_t* buffer) noexcept {
+Task<int64_t> FuseExport::read_node(uint64_t offset, uint64_t length, uint8_t* buffer) noexcept {
   // Pieces give the node the parallelism that a client with one request in flight does not; one
   // with several already gives it, and more, smaller requests would only cost more.
-  const bool whole = length <= kPieceBytes || transfers_ > 0 ||
-                     (direction == Direction::kWrite && backend_->writethrough());
-  if (whole) {
-    ++transfers_;
-    const int64_t ret = co_await transfer_piece(direction, offset, length, buffer);
-    --transfers_;
+  if (length <= kPieceBytes || reads_ > 0) {
+    ++reads_;
+    const int64_t ret = co_await backend_->read(offset, length, buffer, 0);
+    --reads_;
     co_return ret;
   }
-  ++transfers_;
+  ++reads_;
   Join join;
   int64_t error = 0;
   uint64_t done = 0;
   while (done < length) {
     const uint64_t position = offset + done;
     const uint64_t piece = std::min(kPieceBytes - position % kPieceBytes, length - done);
-    join.start(loop_, [](FuseExport& e, Direction how, uint64_t at, uint64_t bytes, uint8_t* data,
+    join.start(loop_, [](block::BlockBackend& backend, uint64_t at, uint64_t bytes, uint8_t* data,
                          int64_t& first_error) -> Task<void> {
-      const int64_t ret = co_await e.transfer_piece(how, at, bytes, data);
+      const int64_t ret = co_await backend.read(at, bytes, data, 0);
       if (ret < 0 && first_error == 0) first_error = ret;
-    }(*this, direction, position, piece, buffer + done, error));
+    }(*backend_, position, piece, buffer + done, error));
     done += piece;
   }
   co_await join.wait();
-  --transfers_;
+  --reads_;
   co_return error;
-}
-
-Task<int64_t> FuseExport::transfer_piece(Direction direction, uint64_t offset, uint64_t length,
-                                         uint8_t* buffer) noexcept {
-  if (direction == Direction::kRead) co_return co_await backend_->read(offset, length, buffer, 0);
-  co_return co_await backend_->write(offset, length, buffer, 0);
 }
 
 Task<int64_t> FuseExport::resize(uint64_t size, bool only_grow) noexcept {

@@ -89,14 +89,10 @@ class FuseExport final : public Export {
   Slot* take_slot() noexcept;
   void release_slot(Slot* slot) noexcept;
   void fill_stat(struct stat& st) const noexcept;
-  enum class Direction { kRead, kWrite };
-  // Reads or writes [offset, offset + length) of the node from or into `buffer`: in pieces, all
-  // in flight at once, when it is long (see "Large requests" in fuse_export.cc). Returns 0 or the
-  // first piece's error (negative errno).
-  Task<int64_t> transfer(Direction direction, uint64_t offset, uint64_t length,
-                         uint8_t* buffer) noexcept;
-  Task<int64_t> transfer_piece(Direction direction, uint64_t offset, uint64_t length,
-                               uint8_t* buffer) noexcept;
+  // Reads [offset, offset + length) of the node into `buffer`: in pieces, all in flight at once,
+  // when it is long and no other read is in progress (see "Large reads" in fuse_export.cc).
+  // Returns 0 or the first piece's error (negative errno).
+  Task<int64_t> read_node(uint64_t offset, uint64_t length, uint8_t* buffer) noexcept;
   // Resizes the node to `size`, one resize at a time; takes the resize permission for the
   // duration when the export does not hold it.
   Task<int64_t> resize(uint64_t size, bool only_grow) noexcept;
@@ -140,7 +136,7 @@ class FuseExport final : public Export {
   // holds new ones back, so that filling holes with zeroes cannot overwrite fresh data.
   bool resizing_ = false;
   Event resize_done_;
-  uint32_t transfers_ = 0;  // reads and writes of the node in progress (transfer())
+  uint32_t reads_ = 0;  // reads of the node in progress (read_node())
   uint32_t writes_ = 0;
   bool allocating_ = false;
   Event writes_changed_;
