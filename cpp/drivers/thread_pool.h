@@ -61,6 +61,9 @@ class ThreadPool {
                [](void* s) noexcept { (*static_cast<Second*>(s))(); }, &second);
   }
 
+  // The most worker threads the pool starts.
+  static constexpr size_t kMaxWorkers = 64;
+
   // Number of worker threads started so far, for tests.
   size_t TEST_worker_count();
 
@@ -68,7 +71,6 @@ class ThreadPool {
   ThreadPool() = default;
   void worker();
 
-  static constexpr size_t kMaxWorkers = 64;
   std::mutex mutex_;
   std::condition_variable wake_;
   ThreadPoolJob* head_ = nullptr;

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <chrono>
 #include <thread>
+#include <vector>
 
 namespace blockd::drivers {
 namespace {
@@ -39,17 +40,41 @@ TEST(ThreadPoolTest, RunBesideRunsBothHalvesBeforeReturning) {
   EXPECT_GT(on_a_worker, 0);
 }
 
-// A second half that no worker has taken yet when the first is done runs on the caller.
+// A second half that no worker has taken yet when the first is done runs on the caller. Every
+// worker the pool may have is kept busy first, so no worker can take it.
 TEST(ThreadPoolTest, RunBesideRunsAnUntakenSecondHalfItself) {
-  bool taken_by_caller = false;
-  for (int attempt = 0; attempt < 100 && !taken_by_caller; ++attempt) {
-    std::thread::id second_thread;
-    auto first = []() noexcept {};  // returns at once: the worker rarely gets there first
-    auto second = [&]() noexcept { second_thread = std::this_thread::get_id(); };
-    ThreadPool::shared().run_beside(first, second);
-    taken_by_caller = second_thread == std::this_thread::get_id();
+  struct Blocker : ThreadPoolJob {
+    std::atomic<int>* started = nullptr;
+    std::atomic<bool>* release = nullptr;
+    std::atomic<int>* finished = nullptr;
+  };
+  std::atomic<int> started{0};
+  std::atomic<bool> release{false};
+  std::atomic<int> finished{0};
+  std::vector<Blocker> blockers(ThreadPool::kMaxWorkers);
+  for (Blocker& blocker : blockers) {
+    blocker.started = &started;
+    blocker.release = &release;
+    blocker.finished = &finished;
+    blocker.run = [](ThreadPoolJob* self) -> int64_t {
+      auto* b = static_cast<Blocker*>(self);
+      b->started->fetch_add(1);
+      while (!b->release->load()) std::this_thread::sleep_for(std::chrono::microseconds(100));
+      b->finished->fetch_add(1);
+      return 0;
+    };
+    ThreadPool::shared().submit(&blocker);
   }
-  EXPECT_TRUE(taken_by_caller);
+  while (started.load() < static_cast<int>(blockers.size())) std::this_thread::yield();
+
+  std::thread::id second_thread;
+  auto first = []() noexcept {};
+  auto second = [&]() noexcept { second_thread = std::this_thread::get_id(); };
+  ThreadPool::shared().run_beside(first, second);
+  EXPECT_EQ(second_thread, std::this_thread::get_id());
+
+  release.store(true);
+  while (finished.load() < static_cast<int>(blockers.size())) std::this_thread::yield();
 }
 
 // Calls from several threads at once each get their own job.
