@@ -31,6 +31,7 @@
 #include "drivers/qemu_json.h"
 #include "drivers/thread_pool.h"
 #include "runtime/fault_guard.h"
+#include "runtime/fd_io.h"
 #include "runtime/join.h"
 
 namespace blockd::drivers {
@@ -81,23 +82,6 @@ uint64_t hash_bytes(const char* data, size_t length) noexcept {
   return hash;
 }
 
-// Reads `length` bytes at `offset` of `fd` into `buffer`; what lies past the end of the file reads
-// as zeroes (Node::map_file). False on an error.
-bool pread_full(int fd, char* buffer, uint64_t length, uint64_t offset) noexcept {
-  uint64_t done = 0;
-  while (done < length) {
-    const ssize_t got = ::pread(fd, buffer + done, length - done, static_cast<off_t>(offset + done));
-    if (got < 0) {
-      if (errno == EINTR) continue;
-      return false;
-    }
-    if (got == 0) break;
-    done += static_cast<uint64_t>(got);
-  }
-  if (done < length) std::memset(buffer + done, 0, length - done);
-  return true;
-}
-
 // The children of a read that all lie in host files in memory (Node::map_file), and compares them
 // there: child 0 is read into `buffer`, the others piece by piece into `chunk` (chunk_size bytes),
 // each piece compared at once while it is in the cache. `start` is relative to the request (and
@@ -107,9 +91,9 @@ bool compare_mapped(const block::FileRange* ranges, size_t count, uint64_t start
                     char* buffer, char* chunk, uint64_t chunk_size) noexcept {
   for (uint64_t done = start; done < start + length;) {
     const uint64_t piece = std::min(chunk_size, start + length - done);
-    if (!pread_full(ranges[0].fd, buffer + done, piece, ranges[0].offset + done)) return false;
+    if (read_whole(ranges[0].fd, buffer + done, piece, ranges[0].offset + done) != 0) return false;
     for (size_t i = 1; i < count; ++i) {
-      if (!pread_full(ranges[i].fd, chunk, piece, ranges[i].offset + done) ||
+      if (read_whole(ranges[i].fd, chunk, piece, ranges[i].offset + done) != 0 ||
           std::memcmp(buffer + done, chunk, piece) != 0) {
         return false;
       }

@@ -23,6 +23,7 @@
 #include "drivers/qemu_json.h"
 #include "nbd/wire.h"
 #include "runtime/event.h"
+#include "runtime/fd_io.h"
 #include "runtime/hop.h"
 
 namespace blockd::drivers {
@@ -123,16 +124,7 @@ Task<int> send_all(Loop& loop, int fd, iovec* vectors, size_t count) {
     const int sent = co_await loop.sendmsg(fd, &message, MSG_NOSIGNAL);
     if (sent == -EINTR || sent == -EAGAIN) continue;
     if (sent <= 0) co_return sent < 0 ? sent : -EPIPE;
-    size_t left = static_cast<size_t>(sent);
-    while (count > 0 && left >= vectors->iov_len) {
-      left -= vectors->iov_len;
-      ++vectors;
-      --count;
-    }
-    if (count > 0) {
-      vectors->iov_base = static_cast<uint8_t*>(vectors->iov_base) + left;
-      vectors->iov_len -= left;
-    }
+    advance_iovecs(vectors, count, static_cast<size_t>(sent));
   }
   co_return 0;
 }

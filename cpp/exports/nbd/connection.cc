@@ -49,6 +49,7 @@
 #include <cstring>
 
 #include "runtime/fault_guard.h"
+#include "runtime/fd_io.h"
 #include "runtime/hop.h"
 
 namespace blockd::exports::nbd {
@@ -59,55 +60,6 @@ namespace {
 // mapping is given up. A client that reads its replies empties a full send buffer within
 // microseconds to a few milliseconds, so this only catches clients that stopped (or nearly).
 constexpr std::chrono::milliseconds kStallGrace{50};
-
-// Reads [offset, offset + length) of `fd` into `out`, zeroes past the file's end. 0, or a
-// negative errno.
-int read_whole(int fd, uint8_t* out, uint64_t length, uint64_t offset) noexcept {
-  uint64_t done = 0;
-  while (done < length) {
-    const ssize_t got = ::pread(fd, out + done, static_cast<size_t>(length - done),
-                                static_cast<off_t>(offset + done));
-    if (got > 0) {
-      done += static_cast<uint64_t>(got);
-    } else if (got == 0) {
-      std::memset(out + done, 0, static_cast<size_t>(length - done));
-      break;
-    } else if (errno != EINTR) {
-      return -errno;
-    }
-  }
-  return 0;
-}
-
-// Writes `length` bytes from `data` at `offset` of `fd`. 0, or a negative errno.
-int write_whole(int fd, const uint8_t* data, uint64_t length, uint64_t offset) noexcept {
-  uint64_t done = 0;
-  while (done < length) {
-    const ssize_t wrote = ::pwrite(fd, data + done, static_cast<size_t>(length - done),
-                                   static_cast<off_t>(offset + done));
-    if (wrote > 0) {
-      done += static_cast<uint64_t>(wrote);
-    } else if (wrote == 0) {
-      return -ENOSPC;
-    } else if (errno != EINTR) {
-      return -errno;
-    }
-  }
-  return 0;
-}
-
-// Moves `iov` (of `count` entries) past `sent` bytes.
-void advance(iovec*& iov, int& count, size_t sent) noexcept {
-  while (count > 0 && sent >= iov->iov_len) {
-    sent -= iov->iov_len;
-    ++iov;
-    --count;
-  }
-  if (count > 0) {
-    iov->iov_base = static_cast<uint8_t*>(iov->iov_base) + sent;
-    iov->iov_len -= sent;
-  }
-}
 
 }  // namespace
 
@@ -271,7 +223,7 @@ Task<bool> Connection::send_all(iovec* iov, int count, int flags) {
       continue;
     }
     if (sent < 0) co_return false;
-    advance(iov, count, static_cast<size_t>(sent));
+    advance_iovecs(iov, count, static_cast<size_t>(sent));
   }
   co_return true;
 }
