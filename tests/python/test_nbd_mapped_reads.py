@@ -6,6 +6,8 @@ server must carry on when a client goes away in the middle of a transfer.
 
 from __future__ import annotations
 
+import array
+import fcntl
 import hashlib
 import json
 import os
@@ -14,6 +16,8 @@ import select
 import shutil
 import struct
 import subprocess
+import termios
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -456,6 +460,54 @@ def test_small_writes_into_a_file_shrunk_behind_the_mapping(session: Session, so
     assert data == bytes(model[:3 * MiB + 3001])
 
 
+def unsent_bytes(client: WireClient) -> int:
+    """What the client sent that the server has not received yet (SIOCOUTQ), in buffer units."""
+    count = array.array("i", [0])
+    fcntl.ioctl(client.s.fileno(), termios.TIOCOUTQ, count)
+    return count[0]
+
+
+def test_large_writes_into_a_file_shrunk_behind_the_mapping(session: Session, sock: str,
+                                                            shm: Path) -> None:
+    """Large write payloads are received straight into the writable mapping of the file. When
+    another process shrinks the file while a payload comes in, or before, the kernel refuses to
+    copy into the pages past the new end: the server survives, finishes the payload through a
+    buffer and writes it like any other write (growing the file again), and every byte lands."""
+    image = shm / "shrinking-large.raw"
+    model = bytearray(pattern(8 * MiB, seed=51))
+    image.write_bytes(model)
+    session.qmp("blockdev-add", driver="file", node_name="file0", filename=str(image))
+    serve(session, sock, "file0")
+    c = WireClient(sock)
+    c.greet()
+    c.go(b"disk")
+    first = pattern(MiB, seed=52)
+    c.request(CMD_WRITE, 0, MiB, 1, first)
+    assert c.simple_reply() == (0, 1)  # the mapping now covers the whole file
+    model[:MiB] = first
+    # The first half of the payload is in the file's pages when the file shrinks under the rest.
+    payload = pattern(2 * MiB, seed=53)
+    c.request(CMD_WRITE, 3 * MiB, len(payload), 2, payload[:MiB])
+    deadline = time.monotonic() + 30
+    while unsent_bytes(c) > 0 and time.monotonic() < deadline:
+        select.select([], [], [], 0.001)
+    os.truncate(image, 4 * MiB)
+    c.s.sendall(payload[MiB:])
+    assert c.simple_reply() == (0, 2)
+    del model[4 * MiB:]
+    model[3 * MiB:] = payload
+    # Pages past the end before the payload comes (the file is 5 MiB, the node still 8 MiB).
+    last = pattern(MiB, seed=54)
+    c.request(CMD_WRITE, 6 * MiB, MiB, 3, last)
+    assert c.simple_reply() == (0, 3)
+    model += bytes(MiB) + last
+    # The connection carries on, and reads see the writes.
+    c.request(CMD_READ, 3 * MiB + 4096, 8192, 4)
+    assert c.chunk(8192).payload == model[3 * MiB + 4096:3 * MiB + 12288]
+    c.close()
+    assert image.read_bytes() == bytes(model)
+
+
 def test_a_burst_of_overlapping_writes_lands_in_the_order_sent(session: Session, sock: str,
                                                                shm: Path) -> None:
     """Small writes copied into the mapping at the end of a receive still reach the file before
@@ -516,20 +568,19 @@ def test_small_write_payload_split_across_receives(session: Session, sock: str,
 
 def test_write_errors_of_the_file_reach_the_client(session: Session, sock: str) -> None:
     """A sealed memfd (tmpfs underneath) refuses writes: the client gets EPERM for large and small
-    writes alike, the payload is consumed, and the connection carries on."""
-    fcntl = pytest.importorskip("fcntl")
+    writes alike, the payload is consumed, and the connection carries on. Sealed before the
+    server writes to it: once it has, its writable mapping of the file keeps the seal away."""
     if not hasattr(os, "memfd_create") or not hasattr(fcntl, "F_ADD_SEALS"):
         pytest.skip("no memfd sealing here")
     fd = os.memfd_create("blockd-sealed", os.MFD_ALLOW_SEALING)
     try:
         data = pattern(4 * MiB, seed=9)
-        os.write(fd, data)
+        os.write(fd, b"a" * MiB + data[MiB:])
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
         session.qmp("blockdev-add", driver="file", node_name="file0",
                     filename=f"/proc/{os.getpid()}/fd/{fd}", locking="off")
         serve(session, sock, "file0")
         h = connect(sock, meta=False)
-        h.pwrite(b"a" * MiB, 0)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
         for length in (4096, 200000, 2 * MiB):
             with pytest.raises(nbd.Error) as info:
                 h.pwrite(b"b" * length, 65536)

@@ -16,8 +16,9 @@
 //
 // Files in memory (Node::map_file): the data of a large read that is one data run goes from the
 // file to the socket with sendfile after its reply header, and a large write payload goes from
-// the socket into the file through a pipe (splice), so the loop thread copies no byte of it (the
-// kernel copies a write once). A small read goes from the node's mapping of the file
+// the socket into the node's writable mapping of the file with recv (without that mapping,
+// through a pipe with splice), so the loop thread copies no byte of it (the kernel copies a write
+// once). A small read goes from the node's mapping of the file
 // (FileRange::memory) in the sendmsg that carries its header: no read system call. The reader
 // completes such reads itself, and small writes whose payload came whole with the header,
 // queueing their replies with no task, no buffer and no trip through the node's coroutines
@@ -314,8 +315,8 @@ bool Connection::ensure_pipe() noexcept {
   return true;
 }
 
-Task<bool> Connection::receive_into_file(int file_fd, uint64_t file_offset, uint64_t length,
-                                         int& file_error, uint64_t& received) {
+Task<bool> Connection::receive_into_file(int file_fd, uint64_t file_offset, uint8_t* memory,
+                                         uint64_t length, int& file_error, uint64_t& received) {
   file_error = 0;
   received = 0;
   flush_mapped_writes();  // their payloads lie in the receive buffer, which is reused below
@@ -333,13 +334,37 @@ Task<bool> Connection::receive_into_file(int file_fd, uint64_t file_offset, uint
   uint64_t left = length - buffered;
   if (left == 0) co_return true;
   receive_start_ = receive_end_ = 0;
+  if (memory != nullptr) {
+    // The receive buffer's part failed: the caller consumes the rest and fails the request.
+    if (file_error != 0) co_return true;
+    // Straight from the socket into the node's writable mapping: the kernel copies each byte once,
+    // with no per-page work in the file system (what splicing into the file costs). The pages are
+    // read first, under the fault guard: a read fault maps sixteen neighbouring pages writable
+    // where the copy's write faults would map one each, and a file shrunk under the mapping shows
+    // here (the caller then receives the payload the ordinary way).
+    auto touch = [target = memory + buffered, left]() noexcept -> int64_t {
+      const auto start = reinterpret_cast<uintptr_t>(target);
+      for (uintptr_t page = start & ~uintptr_t{4095}; page < start + left; page += 4096) {
+        (void)*reinterpret_cast<const volatile uint8_t*>(page);
+      }
+      return 0;
+    };
+    if (run_fault_guarded(touch) < 0) co_return true;
+  }
   while (left > 0) {
-    const ssize_t got = ::splice(fd_, nullptr, pipe_write_, nullptr,
-                                 static_cast<size_t>(std::min<uint64_t>(left, pipe_size_)),
-                                 SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    const ssize_t got =
+        memory != nullptr
+            ? ::recv(fd_, memory + (length - left), static_cast<size_t>(left), MSG_DONTWAIT)
+            : ::splice(fd_, nullptr, pipe_write_, nullptr,
+                       static_cast<size_t>(std::min<uint64_t>(left, pipe_size_)),
+                       SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
     if (got == 0) co_return false;  // the client is gone
     if (got < 0) {
       if (errno == EINTR) continue;
+      // The file shrank since its pages were touched: a copy into a mapping past the file's end
+      // fails (the kernel raises no SIGBUS), and the bytes of the socket buffer it failed in stay
+      // in the socket. The caller receives them the ordinary way.
+      if (memory != nullptr && errno == EFAULT) co_return true;
       // The pipe is empty here, so EAGAIN means the socket has nothing yet.
       if (errno != EAGAIN) co_return false;
       reader_idle();
@@ -350,6 +375,8 @@ Task<bool> Connection::receive_into_file(int file_fd, uint64_t file_offset, uint
       continue;
     }
     left -= static_cast<uint64_t>(got);
+    received = length - left;
+    if (memory != nullptr) continue;
     // Empty the pipe into the file; after a file error, into the receive buffer, to be dropped.
     auto in_pipe = static_cast<size_t>(got);
     while (in_pipe > 0) {
@@ -372,7 +399,6 @@ Task<bool> Connection::receive_into_file(int file_fd, uint64_t file_offset, uint
       }
       in_pipe -= static_cast<size_t>(moved);
     }
-    received = length - left;
   }
   co_return true;
 }
@@ -1298,18 +1324,22 @@ Task<void> Connection::transmission() {
     bool written = false;
     if (request->type == kCmdWrite) {
       block::BlockBackend::MappedRange mapped;
-      if (error == 0 && payload_length >= kMappedWriteThreshold && ensure_pipe()) {
+      if (error == 0 && payload_length >= kMappedWriteThreshold) {
         mapped = export_->backend().map_write(
             request->offset, payload_length,
-            (request->flags & kCmdFlagFua) ? uint32_t{block::kRequestFua} : 0u);
+            (request->flags & kCmdFlagFua) ? uint32_t{block::kRequestFua} : 0u,
+            /*want_memory=*/true);
+        // Without the node's mapping the payload is spliced through a pipe.
+        if (mapped && mapped.writable_memory() == nullptr && !ensure_pipe()) mapped = {};
       }
       if (error != 0) {
         if (!co_await discard(payload_length)) break;
       } else if (mapped) {
         int file_error = 0;
         uint64_t received = 0;
-        if (!co_await receive_into_file(mapped.fd(), mapped.file_offset(), payload_length,
-                                        file_error, received)) {
+        if (!co_await receive_into_file(mapped.fd(), mapped.file_offset(),
+                                        mapped.writable_memory(), payload_length, file_error,
+                                        received)) {
           break;
         }
         if (received == payload_length) {

@@ -144,13 +144,14 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // Creates the pipe receive_into_file uses, once; false when the process has no descriptors left.
   bool ensure_pipe() noexcept;
   // Receives a write payload of `length` bytes straight into a host file at `file_offset` (what
-  // the receive buffer already holds is written from there, the rest is spliced from the socket
-  // through a pipe). False when the client is gone; `file_error` is set (a negative errno) when
-  // the file failed, in which case the rest of the payload is consumed and dropped. Stops early
-  // when the socket stays empty for kStallGrace: `received` tells how much of the payload was
-  // taken (the caller ends the mapping and receives the rest another way).
-  Task<bool> receive_into_file(int file_fd, uint64_t file_offset, uint64_t length,
-                               int& file_error, uint64_t& received);
+  // the receive buffer already holds is written from there; the rest is received into `memory`,
+  // the node's writable mapping of that range, or without one spliced from the socket through a
+  // pipe). False when the client is gone; `file_error` is set (a negative errno) when the file
+  // failed, in which case the rest of the payload is consumed and dropped. Stops early when the
+  // socket stays empty for kStallGrace or the file shrank under `memory`: `received` tells how
+  // much of the payload was taken (the caller ends the mapping and receives the rest another way).
+  Task<bool> receive_into_file(int file_fd, uint64_t file_offset, uint8_t* memory,
+                               uint64_t length, int& file_error, uint64_t& received);
   // Sends the file range of `reply` with sendfile (or from reply.copy), zeroes for what lies past
   // the file's end. False when the socket or the file failed.
   Task<bool> send_file(PendingReply& reply);
