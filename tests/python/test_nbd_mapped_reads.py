@@ -501,6 +501,11 @@ def test_large_writes_into_a_file_shrunk_behind_the_mapping(session: Session, so
     c.request(CMD_WRITE, 6 * MiB, MiB, 3, last)
     assert c.simple_reply() == (0, 3)
     model += bytes(MiB) + last
+    # The same for a payload that came whole with its header.
+    whole = pattern(40000, seed=55)
+    c.request(CMD_WRITE, 7 * MiB + 4096, len(whole), 5, whole)
+    assert c.simple_reply() == (0, 5)
+    model += bytes(4096) + whole
     # The connection carries on, and reads see the writes.
     c.request(CMD_READ, 3 * MiB + 4096, 8192, 4)
     assert c.chunk(8192).payload == model[3 * MiB + 4096:3 * MiB + 12288]

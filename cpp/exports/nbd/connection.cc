@@ -324,33 +324,34 @@ Task<bool> Connection::receive_into_file(int file_fd, uint64_t file_offset, uint
   // The start of the payload may have come in with the request header.
   const size_t buffered =
       static_cast<size_t>(std::min<uint64_t>(receive_end_ - receive_start_, length));
-  if (buffered > 0) {
-    file_error =
-        write_whole(file_fd, receive_buffer_.get() + receive_start_, buffered, file_offset);
-  }
+  const uint8_t* const start = receive_buffer_.get() + receive_start_;
   receive_start_ += buffered;
   position += static_cast<off64_t>(buffered);
   received = buffered;
-  uint64_t left = length - buffered;
-  if (left == 0) co_return true;
-  receive_start_ = receive_end_ = 0;
+  bool in_memory = false;
   if (memory != nullptr) {
-    // The receive buffer's part failed: the caller consumes the rest and fails the request.
-    if (file_error != 0) co_return true;
-    // Straight from the socket into the node's writable mapping: the kernel copies each byte once,
-    // with no per-page work in the file system (what splicing into the file costs). The pages are
-    // read first, under the fault guard: a read fault maps sixteen neighbouring pages writable
-    // where the copy's write faults would map one each, and a file shrunk under the mapping shows
-    // here (the caller then receives the payload the ordinary way).
-    auto touch = [target = memory + buffered, left]() noexcept -> int64_t {
-      const auto start = reinterpret_cast<uintptr_t>(target);
-      for (uintptr_t page = start & ~uintptr_t{4095}; page < start + left; page += 4096) {
+    // Straight into the node's writable mapping: the start from the receive buffer here, the
+    // rest from the socket with recv below. The kernel copies each byte once, with no per-page
+    // work in the file system (what pwrite or splicing into the file costs). The pages are read
+    // first: a read fault maps sixteen neighbouring pages writable where write faults would map
+    // one each. Under the fault guard: a file shrunk under the mapping faults here, and the
+    // payload takes the ordinary way.
+    auto fill = [memory, length, start, buffered]() noexcept -> int64_t {
+      const auto first = reinterpret_cast<uintptr_t>(memory);
+      for (uintptr_t page = first & ~uintptr_t{4095}; page < first + length; page += 4096) {
         (void)*reinterpret_cast<const volatile uint8_t*>(page);
       }
+      if (buffered > 0) std::memcpy(memory, start, buffered);
       return 0;
     };
-    if (run_fault_guarded(touch) < 0) co_return true;
+    in_memory = run_fault_guarded(fill) == 0;
   }
+  if (!in_memory && buffered > 0) file_error = write_whole(file_fd, start, buffered, file_offset);
+  uint64_t left = length - buffered;
+  if (left == 0) co_return true;
+  // The mapping faulted, or the receive buffer's part failed: the caller receives the rest.
+  if (memory != nullptr && !in_memory) co_return true;
+  receive_start_ = receive_end_ = 0;
   while (left > 0) {
     const ssize_t got =
         memory != nullptr

@@ -143,10 +143,10 @@ class Connection : public std::enable_shared_from_this<Connection> {
   Task<bool> send_bytes(const void* data, size_t length);
   // Creates the pipe receive_into_file uses, once; false when the process has no descriptors left.
   bool ensure_pipe() noexcept;
-  // Receives a write payload of `length` bytes straight into a host file at `file_offset` (what
-  // the receive buffer already holds is written from there; the rest is received into `memory`,
-  // the node's writable mapping of that range, or without one spliced from the socket through a
-  // pipe). False when the client is gone; `file_error` is set (a negative errno) when the file
+  // Receives a write payload of `length` bytes straight into a host file at `file_offset`: into
+  // `memory`, the node's writable mapping of that range (what the receive buffer already holds is
+  // copied from there, the rest received from the socket), or without one through the descriptor
+  // (what the receive buffer holds is written from there, the rest spliced through a pipe). False when the client is gone; `file_error` is set (a negative errno) when the file
   // failed, in which case the rest of the payload is consumed and dropped. Stops early when the
   // socket stays empty for kStallGrace or the file shrank under `memory`: `received` tells how
   // much of the payload was taken (the caller ends the mapping and receives the rest another way).
