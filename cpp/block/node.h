@@ -193,6 +193,12 @@ class Node {
   // one release_file with the same range and access. The same holds for the memory of a mapped
   // range (FileRange::memory). map_file never suspends. Node's loop thread.
   virtual FileRange map_file(uint64_t offset, uint64_t length, MapAccess access) noexcept;
+  // A descriptor of the host file that holds this node's bytes unchanged at the same offsets,
+  // from offset 0 on, for a caller that has the kernel read them there itself (the FUSE export's
+  // passthrough opens); -1 when there is none (the default: drivers that transform, filter,
+  // shift or combine data). The file may end before the node, which counts whole sectors: the
+  // caller compares the sizes. The descriptor belongs to the node. Main loop.
+  virtual int host_file() const noexcept { return -1; }
   // Ends a mapping that map_file granted. Default: nothing to release.
   virtual void release_file(const FileRange& range, MapAccess access) noexcept;
   // Changes the node's size to `size` bytes (the driver may round it up, as QEMU keeps sizes in

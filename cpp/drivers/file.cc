@@ -107,6 +107,7 @@ class FileNode final : public block::Node {
     return range;
   }
   Task<int64_t> truncate(uint64_t size) noexcept override;
+  int host_file() const noexcept override { return fd_; }
 
  protected:
   Status check_permissions(uint32_t permissions, uint32_t shared) override;

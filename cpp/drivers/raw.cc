@@ -67,6 +67,12 @@ class RawNode final : public block::Node {
     file().release_file(range, access);
   }
 
+  // Only a raw node that shows its child from the start, with no size of its own, is its child's
+  // file.
+  int host_file() const noexcept override {
+    return offset_ == 0 && !raw_options_.size ? file().host_file() : -1;
+  }
+
   Task<int64_t> write(uint64_t offset, uint64_t length, const void* buffer,
                       uint32_t flags) noexcept override {
     if (!in_bounds(offset, length)) co_return -EINVAL;
