@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import shutil
 import signal
@@ -399,7 +400,8 @@ def test_query_and_delete_while_a_process_holds_the_file(setup: Setup) -> None:
     setup.add(writable=True)
     exports = proc.qmp.command("query-block-exports")
     assert exports == [{"id": "exp0", "type": "fuse", "node-name": "file0", "shutting-down": False}]
-    holder = os.open(setup.mountpoint, os.O_RDONLY)
+    # Read-write: a read-only open may be served by the kernel alone (passthrough, see below).
+    holder = os.open(setup.mountpoint, os.O_RDWR)
     try:
         assert os.pread(holder, 4096, 0) == setup.content[:4096]
         setup.delete()
@@ -552,8 +554,6 @@ def test_concurrent_1m_direct_writers_and_readers(setup: Setup) -> None:
 
 def mmap_buffer(size: int) -> Any:
     """A page-aligned writable buffer (O_DIRECT needs aligned memory)."""
-    import mmap
-
     return mmap.mmap(-1, size)
 
 
@@ -699,3 +699,179 @@ def test_concurrent_allocations_do_not_zero_fresh_writes(tmp_path: Path, daemon:
             os.close(fd)
     finally:
         server.kill()
+
+
+# ---- Passthrough: read-only opens that the kernel serves from the image itself.
+
+
+def _passthrough_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "FUSE passthrough needs CAP_SYS_ADMIN (FUSE_DEV_IOC_BACKING_OPEN); run as root"
+    release = tuple(int(part) for part in os.uname().release.split("-")[0].split(".")[:2])
+    if release < (6, 9):
+        return f"FUSE passthrough needs Linux 6.9 or later (this is {os.uname().release})"
+    try:
+        import gzip
+
+        with gzip.open("/proc/config.gz", "rt") as config:
+            if "CONFIG_FUSE_PASSTHROUGH=y\n" not in config.read():
+                return "this kernel is built without CONFIG_FUSE_PASSTHROUGH"
+    except OSError:
+        pass  # no /proc/config.gz: the version has to do
+    return None
+
+
+needs_passthrough = pytest.mark.skipif(_passthrough_unavailable() is not None,
+                                       reason=str(_passthrough_unavailable()))
+
+
+def wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    """Waits until every thread of `pid` has stopped (SIGSTOP takes effect asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/stat") as status:
+                states.append(status.read().rsplit(")", 1)[1].split()[0])
+        if all(state in "Tt" for state in states):
+            return
+        assert time.monotonic() < deadline, f"process {pid} did not stop: {states}"
+        time.sleep(0.01)
+
+
+def read_while_stopped(proc: Any, fd: int, length: int, offset: int, direct: bool = False,
+                       wait: float = 0.5) -> bytes | None:
+    """Stops the daemon (SIGSTOP) and reads: the data when the read completed while the daemon
+    could not answer (the kernel served it from the image), None when it waited for the daemon
+    (it is then let go on and the read finishes)."""
+    done = threading.Event()
+    result: list[Any] = []
+
+    def read() -> None:
+        try:
+            result.append(_direct_pread(fd, length, offset) if direct else os.pread(fd, length, offset))
+        except OSError as error:
+            result.append(error)
+        done.set()
+
+    os.kill(proc.pid, signal.SIGSTOP)
+    thread = threading.Thread(target=read)
+    try:
+        wait_stopped(proc.pid)
+        thread.start()
+        served = done.wait(wait)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        thread.join(30)
+    assert result, "the read never finished"
+    if isinstance(result[0], OSError):
+        raise result[0]
+    return result[0] if served else None
+
+
+@needs_passthrough
+@pytest.mark.parametrize("cache_direct", [False, True], ids=["page-cache", "cache-direct"])
+@pytest.mark.parametrize("format", ["file", "raw"])
+def test_passthrough_read_only_opens(setup: Setup, cache_direct: bool, format: str) -> None:
+    """Read-only opens whose O_DIRECT matches the node's cache.direct are served by the kernel
+    from the image (they read on while the daemon is stopped); writes through a read-write open
+    beside them go through the daemon and are seen by the passthrough reader; opens that differ
+    in O_DIRECT stay on the daemon's path."""
+    node = "file0" if format == "file" else "fmt0"
+    extra = ["--blockdev", "raw,node-name=fmt0,file=file0"] if format == "raw" else []
+    proc = setup.start(*extra, file_options=",cache.direct=" + ("on" if cache_direct else "off"))
+    setup.add(node_name=node, writable=True)
+    matching = os.O_DIRECT if cache_direct else 0
+    reader = os.open(setup.mountpoint, os.O_RDONLY | matching)
+    other = os.open(setup.mountpoint, os.O_RDONLY | (os.O_DIRECT - matching))
+    writer = os.open(setup.mountpoint, os.O_RDWR | os.O_DIRECT)
+    try:
+        assert read_while_stopped(proc, reader, MiB, MiB, direct=cache_direct) == \
+            setup.content[MiB:2 * MiB]
+        assert read_while_stopped(proc, other, 4096, 0, direct=not cache_direct) is None
+        patch = os.urandom(MiB)
+        assert _direct_pwrite(writer, patch, MiB) == MiB
+        assert read_while_stopped(proc, reader, MiB, MiB, direct=cache_direct) == patch
+        if cache_direct:
+            # The kernel reads the image with O_DIRECT, and its alignment rules apply.
+            with pytest.raises(OSError) as info:
+                os.pread(reader, 100, 1)
+            assert info.value.errno == errno.EINVAL
+        else:
+            assert os.pread(reader, 100, MiB + 1) == patch[1:101]
+        # mmap maps the image itself, on every open of such an export (shared mappings too).
+        with mmap.mmap(other, MiB, mmap.MAP_SHARED, mmap.PROT_READ, offset=MiB) as mapping:
+            assert mapping[:] == patch
+        # The attributes are still the export's.
+        assert stat.S_IMODE(os.fstat(reader).st_mode) == 0o600
+        assert os.fstat(reader).st_size == 4 * MiB
+    finally:
+        for fd in (reader, other, writer):
+            os.close(fd)
+    assert setup.image.read_bytes()[MiB:2 * MiB] == patch
+
+
+@needs_passthrough
+@pytest.mark.parametrize("kind", ["qcow2", "raw-offset", "blkdebug", "odd-size"])
+def test_passthrough_not_taken_where_it_would_differ(tmp_path: Path, daemon: Daemon, kind: str) -> None:
+    """A node whose bytes are not the image file's as they are (qcow2, raw with an offset, a
+    filter, a file whose length is no whole number of sectors) is read through the daemon."""
+    size = 4 * MiB if kind != "odd-size" else 4 * MiB - 100
+    setup = Setup(tmp_path, daemon, size=size)
+    expected = setup.content if kind != "odd-size" else setup.content + bytes(100)
+    extra: list[str] = []
+    node = "file0"
+    if kind == "qcow2":
+        if shutil.which("qemu-img") is None:
+            pytest.skip("qemu-img is missing (Debian package qemu-utils)")
+        run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", setup.image, tmp_path / "disk.qcow2")
+        setup.image = tmp_path / "disk.qcow2"
+        extra, node = ["--blockdev", "qcow2,node-name=fmt0,file=file0"], "fmt0"
+    elif kind == "raw-offset":
+        extra, node = ["--blockdev", "raw,node-name=fmt0,file=file0,offset=512"], "fmt0"
+        expected = setup.content[512:]
+    elif kind == "blkdebug":
+        extra, node = ["--blockdev", "blkdebug,node-name=fmt0,image=file0"], "fmt0"
+    proc = setup.start(*extra)
+    setup.add(node_name=node)
+    fd = os.open(setup.mountpoint, os.O_RDONLY)
+    try:
+        assert read_while_stopped(proc, fd, 4096, 0) is None
+        assert os.pread(fd, 2 * MiB, 0) == expected[:2 * MiB]
+        assert os.pread(fd, MiB, len(expected) - 1000) == expected[-1000:]
+    finally:
+        os.close(fd)
+
+
+@needs_passthrough
+def test_passthrough_open_outlives_export_del(setup: Setup) -> None:
+    """The documented caveat: block-export-del unmounts, but a file opened in passthrough mode
+    goes on reading the image (a file opened otherwise loses its connection)."""
+    proc = setup.start()
+    setup.add(writable=True)
+    passthrough = os.open(setup.mountpoint, os.O_RDONLY)
+    ordinary = os.open(setup.mountpoint, os.O_RDWR)
+    try:
+        assert read_while_stopped(proc, passthrough, 4096, 0) == setup.content[:4096]
+        setup.delete()
+        assert not is_mounted(setup.mountpoint)
+        with pytest.raises(OSError) as info:
+            os.pread(ordinary, 4096, 0)
+        assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
+        changed = os.urandom(4096)
+        with open(setup.image, "r+b") as image:
+            image.write(changed)
+        assert os.pread(passthrough, 4096, 0) == changed
+    finally:
+        for fd in (passthrough, ordinary):
+            try:
+                os.close(fd)
+            except OSError as error:  # closing reports the lost connection (FLUSH)
+                assert error.errno == errno.ENOTCONN
+    # The export comes back, with passthrough again.
+    setup.add()
+    fd = os.open(setup.mountpoint, os.O_RDONLY)
+    try:
+        assert read_while_stopped(proc, fd, 4096, 0) == changed
+    finally:
+        os.close(fd)

@@ -45,6 +45,34 @@
 // Letting the kernel split such requests instead (no FOPEN_DIRECT_IO for O_DIRECT opens, which
 // then take its asynchronous direct I/O path, with a smaller max_read/max_write) did no better:
 // each piece costs a FUSE round trip of its own.
+//
+// Passthrough. Kernels with FUSE passthrough (protocol 7.40, Linux 6.9) can serve the reads of an
+// open file from a host file themselves, without a request to us: the server registers the host
+// file on /dev/fuse (ioctl FUSE_DEV_IOC_BACKING_OPEN, which needs CAP_SYS_ADMIN) and names the
+// backing id it got in its OPEN reply (FOPEN_PASSTHROUGH); the kernel then opens that file anew
+// for the open file, with the caller's open flags, and reads, splices and maps it directly. The
+// kernel reads the image itself only where that is exactly what the export's own path does:
+//   - read-only opens: writes stay here (growable, the node's size, write permission);
+//   - a node whose bytes are a host file's, unchanged and from offset 0 (Node::host_file: a
+//     `file` node, or `raw` without offset or size over one), when the file is exactly as long
+//     as the node (the node counts whole sectors) and is the one first registered;
+//   - with the node's own caching: an O_DIRECT open on a cache.direct=on node (the caller then
+//     reads the image with O_DIRECT, whose alignment rules apply, where this path would bounce
+//     unaligned requests), a buffered open on a cache.direct=off node (the image's page cache,
+//     which the node uses too). Never the page cache for a cache.direct=on node.
+// The kernel wants every open of an inode that has a passthrough open to be a passthrough open as
+// well (it fails others with EIO), so on such a node every other open names the backing file too,
+// but with FOPEN_DIRECT_IO, which takes precedence for read and write: those still come here.
+// What the kernel does not leave to FOPEN_DIRECT_IO is mmap, which then maps the image itself
+// (through its page cache) instead of failing for MAP_SHARED. Nodes of other kinds, and every
+// open when the kernel did not offer passthrough or the registration failed (EPERM without
+// CAP_SYS_ADMIN, ELOOP on stacked file systems), take the path above. libfuse 3.14 predates
+// passthrough: its INIT reply is amended on the way out (a custom writev), and the OPEN reply is
+// built here.
+// Caveats: a file opened in passthrough mode does not depend on this process. It keeps reading
+// the image after block-export-del (which only unmounts), and even after the daemon is gone, until
+// it is closed. And while one is open, opens fail with EIO once the export's node has been
+// replaced by one that is not the same host file.
 #define FUSE_USE_VERSION 312
 
 #include "exports/fuse/fuse_export.h"
@@ -54,6 +82,8 @@
 #include <poll.h>
 #include <linux/fuse.h>
 #include <signal.h>
+#include <sys/ioctl.h>
+#include <sys/uio.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -61,6 +91,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdlib>
+#include <cstddef>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -88,6 +119,20 @@ constexpr size_t kReadBatch = 32;
 // How long the kernel may cache the file's attributes. Every change goes through this export,
 // whose replies update the kernel's copy, so caching them is safe.
 constexpr double kAttrTimeout = 1.0;
+
+// Passthrough (protocol 7.40), which this system's linux/fuse.h may predate.
+constexpr uint64_t kInitPassthrough = uint64_t{1} << 37;  // FUSE_PASSTHROUGH, in INIT flags2
+constexpr uint32_t kOpenPassthrough = 1u << 7;            // FOPEN_PASSTHROUGH
+// The stack depth the export claims (fuse_init_out.max_stack_depth): 1, so that host files on
+// stacked file systems (overlayfs) are refused and the mount itself may still sit under one.
+constexpr uint32_t kMaxStackDepth = 1;
+struct BackingMap {  // struct fuse_backing_map
+  int32_t fd;
+  uint32_t flags;
+  uint64_t padding;
+};
+constexpr unsigned long kIocBackingOpen = _IOW(229, 1, BackingMap);  // FUSE_DEV_IOC_BACKING_OPEN
+constexpr unsigned long kIocBackingClose = _IOW(229, 2, uint32_t);   // FUSE_DEV_IOC_BACKING_CLOSE
 
 timespec now() noexcept {
   timespec ts{};
@@ -214,10 +259,20 @@ struct FuseExport::Handlers {
       fuse_reply_err(req, EACCES);
       return;
     }
-    // libfuse 3.14 has no field for FOPEN_PARALLEL_DIRECT_WRITES, so the reply is built here.
+    // libfuse 3.14 has no field for FOPEN_PARALLEL_DIRECT_WRITES nor for passthrough, so the
+    // reply is built here.
     fuse_open_out out{};
     out.fh = 0;
     out.open_flags = FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES;
+    const Passthrough passthrough = e.passthrough_for(fi->flags);
+    if (passthrough.backing_id > 0) {
+      out.padding = static_cast<uint32_t>(passthrough.backing_id);  // backing_id since 7.40
+      // Without FOPEN_DIRECT_IO the kernel reads the image itself; with it, reads and writes
+      // still come here (see "Passthrough" above).
+      out.open_flags = passthrough.kernel_reads
+                           ? kOpenPassthrough
+                           : kOpenPassthrough | FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES;
+    }
     iovec iov{&out, sizeof out};
     fuse_reply_iov(req, &iov, 1);
   }
@@ -361,6 +416,35 @@ struct FuseExport::Handlers {
     }(e, req, static_cast<uint64_t>(offset), whence));
   }
 
+  // libfuse's writes to /dev/fuse (a fuse_custom_io writev). The INIT reply accepts passthrough
+  // when the kernel offered it; every reply goes out unchanged otherwise.
+  static ssize_t send(int fd, iovec* iov, int count, void* userdata) {
+    auto& e = *static_cast<FuseExport*>(userdata);
+    if (e.init_unique_ == 0 || count != 2 || iov[0].iov_len != sizeof(fuse_out_header) ||
+        static_cast<const fuse_out_header*>(iov[0].iov_base)->unique != e.init_unique_) {
+      return ::writev(fd, iov, count);
+    }
+    e.init_unique_ = 0;
+    const auto& header = *static_cast<const fuse_out_header*>(iov[0].iov_base);
+    // From protocol 7.23 on the reply is a whole fuse_init_out, flags2 and max_stack_depth too.
+    if (header.error != 0 || !e.passthrough_offered_ || iov[1].iov_len != sizeof(fuse_init_out)) {
+      return ::writev(fd, iov, count);
+    }
+    fuse_init_out out;
+    std::memcpy(&out, iov[1].iov_base, sizeof out);
+    out.flags |= FUSE_INIT_EXT;
+    out.flags2 |= static_cast<uint32_t>(kInitPassthrough >> 32);
+    out.unused[0] = kMaxStackDepth;  // max_stack_depth since 7.40
+    iovec patched[2] = {iov[0], {&out, sizeof out}};
+    const ssize_t written = ::writev(fd, patched, 2);
+    if (written >= 0) e.passthrough_ = true;
+    return written;
+  }
+
+  static ssize_t receive(int fd, void* buffer, size_t length, void*) {
+    return ::read(fd, buffer, length);
+  }
+
   static const fuse_lowlevel_ops& operations() {
     static const fuse_lowlevel_ops ops = [] {
       fuse_lowlevel_ops table{};
@@ -398,6 +482,7 @@ FuseExport::FuseExport(Loop& loop, const FuseExportOptions& options, std::string
 FuseExport::~FuseExport() {
   stop_watchdog();
   if (session_ != nullptr) {
+    close_backing();
     if (mounted_) fuse_session_unmount(session_);
     fuse_session_destroy(session_);
   }
@@ -453,6 +538,12 @@ Status FuseExport::mount(bool allow_other) {
   }
   session_ = session;
   fd_ = fuse_session_fd(session);
+  // libfuse's replies pass through Handlers::send (for the INIT reply; see "Passthrough"). Without
+  // it the export works as before, only without passthrough.
+  fuse_custom_io io{};
+  io.writev = Handlers::send;
+  io.read = Handlers::receive;
+  (void)fuse_session_custom_io(session, &io, fd_);
   // The reader reads until EAGAIN (libfuse itself never reads: it only unmounts).
   const int flags = fcntl(fd_, F_GETFL);
   if (flags >= 0) (void)fcntl(fd_, F_SETFL, flags | O_NONBLOCK);
@@ -545,6 +636,7 @@ Task<void> FuseExport::reader() {
         break;
       }
       ++taken;
+      note_init(slot->request(), static_cast<size_t>(got));
       current_ = slot;
       current_taken_ = false;
       fuse_buf buffer{};
@@ -582,6 +674,66 @@ void FuseExport::fill_stat(struct stat& st) const noexcept {
   st.st_atim = atime_;
   st.st_mtim = mtime_;
   st.st_ctim = ctime_;
+}
+
+void FuseExport::note_init(const uint8_t* request, size_t length) noexcept {
+  fuse_in_header header;
+  std::memcpy(&header, request, sizeof header);
+  if (header.opcode != FUSE_INIT) return;
+  init_unique_ = header.unique;
+  passthrough_offered_ = false;
+  // flags2 (the upper half of the flags) exists from protocol 7.36 on, with FUSE_INIT_EXT.
+  if (length < sizeof header + offsetof(fuse_init_in, flags2) + sizeof(uint32_t)) return;
+  fuse_init_in in;
+  std::memcpy(&in, request + sizeof header, offsetof(fuse_init_in, flags2) + sizeof(uint32_t));
+  const uint64_t flags =
+      in.flags | ((in.flags & FUSE_INIT_EXT) ? uint64_t{in.flags2} << 32 : uint64_t{0});
+  passthrough_offered_ = (flags & kInitPassthrough) != 0;
+}
+
+FuseExport::Passthrough FuseExport::passthrough_for(int open_flags) noexcept {
+  if (!passthrough_ || backing_failed_) return {};
+  block::Node* node = backend_->root();
+  const int fd = node != nullptr ? node->host_file() : -1;
+  if (fd < 0) return {};
+  struct stat st;
+  const int status = fcntl(fd, F_GETFL);
+  if (status < 0 || fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) return {};
+  if (backing_id_ > 0 && (st.st_dev != backing_dev_ || st.st_ino != backing_ino_)) {
+    // One backing file per inode: the kernel refuses a second one while the first is in use.
+    return {};
+  }
+  if (backing_id_ <= 0) {
+    // The kernel keeps a reference to the open file it is given, so give it one of its own,
+    // without the node's image locks (which would otherwise outlive the node).
+    const std::string path = "/proc/self/fd/" + std::to_string(fd);
+    const int reopened = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | (status & O_DIRECT));
+    if (reopened < 0) return {};
+    BackingMap map{reopened, 0, 0};
+    const int id = ioctl(fd_, kIocBackingOpen, &map);
+    ::close(reopened);
+    if (id <= 0) {
+      backing_failed_ = true;  // EPERM without CAP_SYS_ADMIN, ELOOP on stacked file systems, ...
+      return {};
+    }
+    backing_id_ = id;
+    backing_dev_ = st.st_dev;
+    backing_ino_ = st.st_ino;
+  }
+  // The caller's O_DIRECT is what the kernel reads the image with: it must be the node's. The
+  // size is checked on every open: a write past the end may have left the image shorter than the
+  // node, which counts whole sectors.
+  const bool kernel_reads = (open_flags & O_ACCMODE) == O_RDONLY && !(open_flags & O_TRUNC) &&
+                            (status & O_DIRECT) == (open_flags & O_DIRECT) &&
+                            st.st_size == backend_->size();
+  return {backing_id_, kernel_reads};
+}
+
+void FuseExport::close_backing() noexcept {
+  if (backing_id_ <= 0 || fd_ < 0) return;
+  const uint32_t id = static_cast<uint32_t>(backing_id_);
+  (void)ioctl(fd_, kIocBackingClose, &id);
+  backing_id_ = 0;
 }
 
 Task<int64_t> FuseExport::read_node(uint64_t offset, uint64_t length, uint8_t* buffer) noexcept {
@@ -668,6 +820,8 @@ Task<int64_t> FuseExport::allocate(uint64_t offset, uint64_t length) noexcept {
 Task<void> FuseExport::shut_down() {
   set_shutting_down();
   stop_watchdog();
+  // Files already open in passthrough mode keep their own reference to the image.
+  close_backing();
   if (mounted_) {
     // On a helper thread: without root, unmounting runs fusermount3, which may look at the mount,
     // and its requests must still be answered here.

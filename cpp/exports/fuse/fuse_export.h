@@ -89,6 +89,17 @@ class FuseExport final : public Export {
   Slot* take_slot() noexcept;
   void release_slot(Slot* slot) noexcept;
   void fill_stat(struct stat& st) const noexcept;
+  // Remembers the unique id of an INIT request, and whether the kernel offers passthrough.
+  void note_init(const uint8_t* request, size_t length) noexcept;
+  // How an OPEN with these flags is answered (see "Passthrough" in fuse_export.cc): with the
+  // backing id of the node's host file (registered on first use), or 0 when there is none; and
+  // whether the kernel reads that file itself for this open.
+  struct Passthrough {
+    int32_t backing_id = 0;
+    bool kernel_reads = false;
+  };
+  Passthrough passthrough_for(int open_flags) noexcept;
+  void close_backing() noexcept;
   // Reads [offset, offset + length) of the node into `buffer`: in pieces, all in flight at once,
   // when it is long and no other read is in progress (see "Large reads" in fuse_export.cc).
   // Returns 0 or the first piece's error (negative errno).
@@ -110,6 +121,16 @@ class FuseExport final : public Export {
   bool mounted_ = false;
   pid_t watchdog_pid_ = -1;
   int watchdog_pipe_ = -1;  // write end; the watchdog reads the other
+
+  // Passthrough: the INIT request whose reply is still to go out (0: none), whether the kernel
+  // offered passthrough and whether the export accepted it, and the registered host file.
+  uint64_t init_unique_ = 0;
+  bool passthrough_offered_ = false;
+  bool passthrough_ = false;
+  bool backing_failed_ = false;
+  int32_t backing_id_ = 0;
+  dev_t backing_dev_ = 0;
+  ino_t backing_ino_ = 0;
 
   // File attributes the kernel may change with setattr (chmod, chown, touch).
   mode_t mode_;
