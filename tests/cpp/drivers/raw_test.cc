@@ -203,6 +203,30 @@ TEST_F(RawTest, OverNullNode) {
   EXPECT_EQ(status.flags, 0u);
 }
 
+// Node::host_file: the file node's descriptor, through a raw node only when it shows the whole
+// file from its start; never through other drivers.
+TEST_F(RawTest, HostFileOnlyWithoutOffsetOrSize) {
+  auto file = file_node();
+  const int fd = file->host_file();
+  ASSERT_GE(fd, 0);
+  struct stat by_fd {}, by_path {};
+  ASSERT_EQ(fstat(fd, &by_fd), 0);
+  ASSERT_EQ(stat(path_.c_str(), &by_path), 0);
+  EXPECT_EQ(by_fd.st_ino, by_path.st_ino);
+  auto plain = raw({}, file);
+  ASSERT_TRUE(plain.has_value());
+  EXPECT_EQ((*plain)->host_file(), fd);
+  auto zero = raw({.offset = 0}, file_node());
+  ASSERT_TRUE(zero.has_value());
+  EXPECT_GE((*zero)->host_file(), 0);
+  EXPECT_EQ((*raw({.offset = 512}))->host_file(), -1);
+  EXPECT_EQ((*raw({.size = 1 << 20}))->host_file(), -1);
+  auto null = open_null_node(block::NodeOptions{.node_name = "n4"}, {.size = 1024}, *loop_);
+  ASSERT_TRUE(null.has_value());
+  EXPECT_EQ((*null)->host_file(), -1);
+  EXPECT_EQ((*raw({}, *null))->host_file(), -1);
+}
+
 TEST_F(RawTest, BackendWriteOnRawTakesWriteOnFile) {
   auto file = file_node();
   auto node = raw({}, file);
