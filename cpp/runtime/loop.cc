@@ -13,6 +13,10 @@ thread_local Loop* current_loop = nullptr;
 
 // How many non-blocking iterations run() may add after stop() to submit what the last ones queued.
 constexpr int kSettleRounds = 8;
+// How many times run() cancels what is still in flight when it ends, and how long each time it
+// waits for operations that complete later than their cancellation (I/O in a kernel worker).
+constexpr int kDrainRounds = 16;
+constexpr __kernel_timespec kDrainPause{.tv_sec = 0, .tv_nsec = 10'000'000};
 
 // A negative duration counts as zero.
 __kernel_timespec to_kernel_timespec(std::chrono::nanoseconds duration) noexcept {
@@ -174,6 +178,27 @@ void Loop::run() {
   // at once, or those owners would leak with the ring. Bounded, never blocking: operations that
   // wait for something (a socket, a timer not cancelled) stay pending as before.
   for (int round = 0; round < kSettleRounds && pending_submissions_ > 0; ++round) iterate(false);
+  // Operations that still wait (a receive from a client that sends nothing, a timer) would go
+  // with the ring, and the coroutines awaiting them with their frames and all they hold, never
+  // resumed. Cancel everything in flight and hand each operation its completion (-ECANCELED, or
+  // its result if it finished first), so that its coroutine carries on to its end; what those
+  // submit meanwhile is cancelled by the next round. Bounded: an operation that ignores its
+  // cancellation for all the rounds is left as before.
+  for (int round = 0; round < kDrainRounds && in_flight_ > 0; ++round) {
+    io_uring_sqe* cancel = get_sqe();
+    io_uring_prep_cancel(cancel, nullptr, IORING_ASYNC_CANCEL_ANY);
+    io_uring_sqe_set_data(cancel, nullptr);
+    --in_flight_;  // the cancel request's own completion is not counted
+    iterate(false);
+    if (in_flight_ == 0) break;
+    // Some completions come later than the cancellation: wait for one, or a moment.
+    __kernel_timespec pause = kDrainPause;
+    io_uring_sqe* timer = get_sqe();
+    io_uring_prep_timeout(timer, &pause, 0, 0);
+    io_uring_sqe_set_data(timer, nullptr);
+    --in_flight_;
+    iterate(true);
+  }
   run_posted();
   current_loop = previous;
 }
