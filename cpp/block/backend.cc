@@ -133,6 +133,15 @@ BlockBackend::MappedRange BlockBackend::map_read(uint64_t offset, uint64_t lengt
   return map(offset, length, MapAccess::kRead);
 }
 
+Task<BlockBackend::MappedRange> BlockBackend::map_read_async(uint64_t offset,
+                                                             uint64_t length) noexcept {
+  if (check_range(offset, length) != 0) co_return MappedRange{};
+  InFlight guard(*this);
+  const FileRange range = co_await root_->map_file_async(offset, length, MapAccess::kRead);
+  if (range.fd < 0) co_return MappedRange{};
+  co_return MappedRange(this, range, MapAccess::kRead);
+}
+
 BlockBackend::MappedRange BlockBackend::map_write(uint64_t offset, uint64_t length,
                                                   uint32_t flags, bool want_memory) noexcept {
   if (!(permissions() & kPermWrite) || writethrough_ || (flags & kRequestFua)) return {};

@@ -79,6 +79,9 @@ class BlockBackend final : public User {
   // Maps a read of [offset, offset + length) onto a host file; an empty MappedRange when the range
   // is not in one (the caller reads through read() instead) or is out of bounds.
   MappedRange map_read(uint64_t offset, uint64_t length) noexcept;
+  // The same through Node::map_file_async (a node may take a while to answer; this counts as a
+  // request in flight meanwhile).
+  Task<MappedRange> map_read_async(uint64_t offset, uint64_t length) noexcept;
   // The same for a write with request `flags`. Empty also when this backend lacks the write
   // permission and when the write needs more than the bytes in the file: FUA, writethrough.
   // `want_memory`: the caller would copy the bytes in itself (MapAccess::kWriteMemory).

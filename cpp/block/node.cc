@@ -114,6 +114,10 @@ Task<int64_t> Node::cache(uint64_t, uint64_t) noexcept { co_return 0; }
 
 FileRange Node::map_file(uint64_t, uint64_t, MapAccess) noexcept { return {}; }
 
+Task<FileRange> Node::map_file_async(uint64_t offset, uint64_t length, MapAccess access) noexcept {
+  co_return map_file(offset, length, access);
+}
+
 void Node::release_file(const FileRange&, MapAccess) noexcept {}
 
 // ---- Permissions.

@@ -193,6 +193,12 @@ class Node {
   // one release_file with the same range and access. The same holds for the memory of a mapped
   // range (FileRange::memory). map_file never suspends. Node's loop thread.
   virtual FileRange map_file(uint64_t offset, uint64_t length, MapAccess access) noexcept;
+  // map_file for a caller that can wait for the answer: a node whose mapping costs work of its
+  // own (the quorum compares its children's bytes before it grants child 0's) does that work off
+  // the loop thread, which meanwhile serves other requests. Otherwise as map_file, whose answer
+  // the default gives.
+  virtual Task<FileRange> map_file_async(uint64_t offset, uint64_t length,
+                                         MapAccess access) noexcept;
   // A descriptor of the host file that holds this node's bytes unchanged at the same offsets,
   // from offset 0 on, for a caller that has the kernel read them there itself (the FUSE export's
   // passthrough opens); -1 when there is none (the default: drivers that transform, filter,

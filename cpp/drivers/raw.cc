@@ -62,6 +62,13 @@ class RawNode final : public block::Node {
     if (!in_bounds(offset, length) || readable_length(offset, length) < length) return {};
     return file().map_file(offset_ + offset, length, access);
   }
+  Task<block::FileRange> map_file_async(uint64_t offset, uint64_t length,
+                                        block::MapAccess access) noexcept override {
+    if (!in_bounds(offset, length) || readable_length(offset, length) < length) {
+      co_return block::FileRange{};
+    }
+    co_return co_await file().map_file_async(offset_ + offset, length, access);
+  }
   // The range is the child's own: it ends the mapping it granted.
   void release_file(const block::FileRange& range, block::MapAccess access) noexcept override {
     file().release_file(range, access);
