@@ -855,10 +855,15 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
   // A read's data in the node's mapping of its file (set by map_read); the caller adds it to the
   // reply after the headers.
   const uint8_t* mapped_data = nullptr;
-  // A read served from the node's file; not while the client is not reading its replies.
+  // A read served from the node's file; not while the client is not reading its replies. A read
+  // from kMappedReadThreshold on is mapped before with map_read_async, which may wait (the lambda
+  // cannot): its answer is in reply.mapped.
   auto map_read = [&](uint64_t offset, uint32_t length) {
-    if (c.send_stalled_) return false;
-    reply.mapped = backend.map_read(offset, length);
+    if (c.send_stalled_) {
+      reply.mapped = {};
+      return false;
+    }
+    if (length < kMappedReadThreshold) reply.mapped = backend.map_read(offset, length);
     if (!reply.mapped) return false;
     if (length < kMappedReadThreshold) {
       // Too small for sendfile to pay, but when the node keeps its file mapped the bytes go from
@@ -899,6 +904,9 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
         const uint64_t offset = request.offset;
         const auto length = static_cast<uint32_t>(request.length);  // validated: <= kMaxPayload
         if (!structured) {
+          if (length >= kMappedReadThreshold && !c.send_stalled_) {
+            reply.mapped = co_await backend.map_read_async(offset, length);
+          }
           if (length && map_read(offset, length)) {
             simple_reply(scratch, 0, request.cookie);
             reply.add(scratch, kSimpleReplySize);
@@ -977,6 +985,9 @@ Task<void> Connection::handle_request(std::shared_ptr<Connection> self, Request 
           }
         }
         if (run_count == 0) runs[run_count++] = {offset, length, false};
+        if (run_count == 1 && !runs[0].zero && length >= kMappedReadThreshold && !c.send_stalled_) {
+          reply.mapped = co_await backend.map_read_async(offset, length);
+        }
         if (run_count == 1 && !runs[0].zero && map_read(offset, length)) {
           const size_t size = encode_chunk_header(scratch, mode, kReplyFlagDone,
                                                   kReplyTypeOffsetData, request, 8 + uint64_t{length});
