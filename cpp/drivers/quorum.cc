@@ -6,11 +6,13 @@
 //     a file in memory (FileRange::memory) and mincore says all of it is in the page cache (a
 //     read fault in a hole of a tmpfs file would allocate it). One loop reads each child's byte
 //     once, XORs the others against child 0 in 32-byte lanes (AVX2 where the CPU has it) and
-//     stores child 0's bytes to the caller; the loop thread takes the first half and a pool worker
-//     the second. A child's file may shrink behind the engine's back and take pages from under
-//     the mapping: the comparison runs under run_fault_guarded, and the SIGBUS becomes a
-//     difference. map_file grants child 0's range on the same comparison, so that the NBD export
-//     sends it with sendfile like a single file's.
+//     stores child 0's bytes to the caller. From kSplitThreshold on this runs on a pool worker
+//     while the loop serves other requests (read, map_file_async), or, for a caller that cannot
+//     wait (map_file), the loop thread takes the first half and a worker the second. A child's
+//     file may shrink behind the engine's back and take pages from under the mapping: the
+//     comparison runs under run_fault_guarded, and the SIGBUS becomes a difference. map_file and
+//     map_file_async grant child 0's range on the same comparison, so that the NBD export sends
+//     it with sendfile like a single file's.
 //  2. By pread (files in memory, smaller reads or ranges not resident): child 0 into the caller's
 //     buffer, the others piece by piece into a scratch buffer and compared.
 //  3. Through the children's nodes: compared piece by piece while they answer without waiting,
@@ -391,6 +393,8 @@ class QuorumNode final : public Node {
   Task<BlockStatus> block_status(uint64_t offset, uint64_t length) noexcept override;
   block::FileRange map_file(uint64_t offset, uint64_t length,
                             block::MapAccess access) noexcept override;
+  Task<block::FileRange> map_file_async(uint64_t offset, uint64_t length,
+                                        block::MapAccess access) noexcept override;
   void release_file(const block::FileRange& range, block::MapAccess access) noexcept override;
 
   Status add_dynamic_child(std::shared_ptr<Node> child) override;
@@ -501,12 +505,18 @@ class QuorumNode final : public Node {
   // Maps every child's range; true when each child keeps it in a mapping of its file
   // (FileRange::memory) and all of it is in the page cache. `ranges` receives every mapping
   // granted, which the caller hands back (release_children) whatever the answer.
-  bool map_children(uint64_t offset, uint64_t length, ChildArray<block::FileRange>& ranges) noexcept;
+  // `check_residency` false leaves the page cache check to the caller.
+  bool map_children(uint64_t offset, uint64_t length, ChildArray<block::FileRange>& ranges,
+                    bool check_residency = true) noexcept;
   // Hands back the mappings of children `from` on.
   void release_children(ChildArray<block::FileRange>& ranges, size_t from) noexcept;
   // Compares the children in place and, when `copy` is not null, copies child 0's bytes there.
   InPlace compare_children(uint64_t offset, uint64_t length, uint8_t* copy,
                            ChildArray<block::FileRange>& ranges) noexcept;
+  // The same from a task: from kSplitThreshold on, the comparison runs whole on a pool worker
+  // while the loop thread serves other requests.
+  Task<InPlace> compare_children_off_loop(uint64_t offset, uint64_t length, uint8_t* copy,
+                                          ChildArray<block::FileRange>& ranges);
   Task<bool> read_mapped(uint64_t offset, uint64_t length, char* buffer);
   Task<Comparison> compare_child(Node& child, uint64_t offset, uint64_t length, const char* expected,
                                  char* chunk, uint64_t chunk_size, uint32_t flags, int64_t& error);
@@ -534,10 +544,11 @@ Task<int64_t> QuorumNode::read_fifo(uint64_t offset, uint64_t length, void* buff
 }
 
 bool QuorumNode::map_children(uint64_t offset, uint64_t length,
-                              ChildArray<block::FileRange>& ranges) noexcept {
+                              ChildArray<block::FileRange>& ranges, bool check_residency) noexcept {
   for (size_t i = 0; i < ranges.size(); ++i) {
     ranges[i] = child_node(i).map_file(offset, length, block::MapAccess::kRead);
-    if (ranges[i].fd < 0 || ranges[i].memory == nullptr || !resident(ranges[i].memory, length)) {
+    if (ranges[i].fd < 0 || ranges[i].memory == nullptr ||
+        (check_residency && !resident(ranges[i].memory, length))) {
       return false;
     }
   }
@@ -559,6 +570,33 @@ QuorumNode::InPlace QuorumNode::compare_children(uint64_t offset, uint64_t lengt
   return compare_in_place(mapped, length) ? InPlace::kAgreed : InPlace::kDisagreed;
 }
 
+// A comparison of a large read costs several times what sending the read does: a loop thread
+// that waited for it (or for a worker doing half of it) would leave the other core idle between
+// the requests of a queue. Whole on a worker, the loop meanwhile receives and sends other
+// requests, and the comparisons of a queue of them run side by side. Below kSplitThreshold the
+// hand-off costs more than it frees.
+Task<QuorumNode::InPlace> QuorumNode::compare_children_off_loop(
+    uint64_t offset, uint64_t length, uint8_t* copy, ChildArray<block::FileRange>& ranges) {
+  if (length < kSplitThreshold) co_return compare_children(offset, length, copy, ranges);
+  if (!map_children(offset, length, ranges, false)) co_return InPlace::kUnavailable;
+  ChildArray<const uint8_t*> sources(ranges.size());
+  for (size_t i = 0; i < ranges.size(); ++i) sources[i] = ranges[i].memory;
+  const MappedSources mapped{&sources[0], sources.size(), copy};
+  // The worker checks the residency too (system calls the loop thread is spared).
+  const auto verdict =
+      static_cast<InPlace>(co_await RunInThread(loop(), [&mapped, length]() noexcept -> int64_t {
+        for (size_t i = 0; i < mapped.count; ++i) {
+          if (!resident(mapped.sources[i], length)) {
+            return static_cast<int64_t>(InPlace::kUnavailable);
+          }
+        }
+        GuardedPart whole{&mapped, 0, length};
+        whole.run();
+        return static_cast<int64_t>(whole.agreed ? InPlace::kAgreed : InPlace::kDisagreed);
+      }));
+  co_return verdict;
+}
+
 // A mapping of the quorum is child 0's, granted once every child was found to hold the same bytes
 // (compared in place, as a large read is). Only for reads of at least kInPlaceThreshold bytes in
 // quorum mode whose children all keep the range mapped and in memory; otherwise, and whenever a
@@ -577,6 +615,23 @@ block::FileRange QuorumNode::map_file(uint64_t offset, uint64_t length,
   if (!agreed) return {};
   ++in_flight_;
   return ranges[0];
+}
+
+// The same for a caller that can wait (the NBD export's large reads), with the comparison off the
+// loop thread (compare_children_off_loop).
+Task<block::FileRange> QuorumNode::map_file_async(uint64_t offset, uint64_t length,
+                                                  block::MapAccess access) noexcept {
+  if (access != block::MapAccess::kRead || length < kInPlaceThreshold || fifo()) {
+    co_return block::FileRange{};
+  }
+  InFlight guard(this);
+  ChildArray<block::FileRange> ranges(children().size());
+  const bool agreed =
+      co_await compare_children_off_loop(offset, length, nullptr, ranges) == InPlace::kAgreed;
+  release_children(ranges, agreed ? 1 : 0);
+  if (!agreed) co_return block::FileRange{};
+  ++in_flight_;
+  co_return ranges[0];
 }
 
 void QuorumNode::release_file(const block::FileRange& range, block::MapAccess access) noexcept {
@@ -661,7 +716,8 @@ Task<int64_t> QuorumNode::read(uint64_t offset, uint64_t length, void* buffer,
   InPlace in_place = InPlace::kUnavailable;
   if (length >= kInPlaceThreshold) {
     ChildArray<block::FileRange> ranges(children().size());
-    in_place = compare_children(offset, length, static_cast<uint8_t*>(buffer), ranges);
+    in_place =
+        co_await compare_children_off_loop(offset, length, static_cast<uint8_t*>(buffer), ranges);
     release_children(ranges, 0);
     if (in_place == InPlace::kAgreed) co_return 0;
   }

@@ -8,23 +8,24 @@
 //    from 32 KiB on whose ranges every child keeps mapped and in the page cache are compared in
 //    those mappings in one pass that also copies child 0's bytes to the caller; others are read
 //    with pread, piece by piece (64 KiB), each piece of the other children compared with child
-//    0's while still in the cache. Reads from 256 KiB on do their second half on a worker
-//    thread. Any difference, error or fault (a child's file shrunk behind the engine's back)
-//    ends this fast path without a report and the children are read again through their nodes,
-//    as follows. When child 0 answers without waiting (e.g. blkdebug over a file in memory), the other
-//    children are read one after another in pieces of up to 64 KiB through one small buffer,
-//    each piece compared with the caller's buffer; otherwise all children are read in parallel.
-//    When all successful reads agree the data is returned. Otherwise (children from the first
-//    that differs on are then read whole) each successful child's data is hashed over the whole
-//    request and the children are grouped by equal data; the largest group (ties: the group whose
-//    data was first seen on the highest-numbered child, as QEMU) wins if it has at least
-//    vote-threshold members; its data is returned, every other successful child is reported bad
-//    and, with rewrite-corrupted, rewritten with the winning data before the read completes.
-//    Fewer than vote-threshold successful reads, or no group large enough, fails the read
-//    (QUORUM_FAILURE).
-//    A caller that can send a range straight from a file (Node::map_file, the NBD export's
-//    sendfile) gets child 0's range for reads from 32 KiB on in quorum mode, once the children
-//    were compared in place and all agree; otherwise none, and it reads.
+//    0's while still in the cache. Reads from 256 KiB on compare in place on a worker thread
+//    (the loop serves other requests meanwhile; a caller that cannot wait, Node::map_file, has
+//    the second half done by a worker while it does the first). Any difference, error or fault
+//    (a child's file shrunk behind the engine's back) ends this fast path without a report and
+//    the children are read again through their nodes, as follows. When child 0 answers without
+//    waiting (e.g. blkdebug over a file in memory), the other children are read one after another
+//    in pieces of up to 64 KiB through one small buffer, each piece compared with the caller's
+//    buffer; otherwise all children are read in parallel. When all successful reads agree the data
+//    is returned. Otherwise (children from the first that differs on are then read whole) each
+//    successful child's data is hashed over the whole request and the children are grouped by equal
+//    data; the largest group (ties: the group whose data was first seen on the highest-numbered
+//    child, as QEMU) wins if it has at least vote-threshold members; its data is returned, every
+//    other successful child is reported bad and, with rewrite-corrupted, rewritten with the winning
+//    data before the read completes. Fewer than vote-threshold successful reads, or no group large
+//    enough, fails the read (QUORUM_FAILURE). A caller that can send a range straight from a file
+//    (Node::map_file or map_file_async, the NBD export's sendfile) gets child 0's range for reads
+//    from 32 KiB on in quorum mode, once the children were compared in place and all agree;
+//    otherwise none, and it reads.
 //  - Reads, read-pattern "fifo": children are read in order until one succeeds.
 //  - Writes and write-zeroes go to every child in parallel and succeed when at least vote-threshold
 //    children did (else QUORUM_FAILURE); flush likewise, without QUORUM_FAILURE.

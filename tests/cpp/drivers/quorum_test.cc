@@ -2,17 +2,19 @@
 #include "drivers/quorum.h"
 
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <linux/falloc.h>
 #include <linux/magic.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
-#include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "drivers/blkdebug.h"
@@ -57,6 +59,20 @@ class QuorumFixture : public ::testing::Test {
     EXPECT_EQ(pread(fd, out.data(), length, offset), static_cast<ssize_t>(length));
     close(fd);
     return out;
+  }
+
+  // A thread that shrinks child `child`'s file to half its size and writes the lost half back,
+  // over and over until `stop`.
+  std::thread shrink_repeatedly(int child, std::atomic<bool>& stop) {
+    std::vector<char> tail = read_file(child, kImageSize / 2, kImageSize / 2);
+    return std::thread([path = paths_[child], tail = std::move(tail), &stop] {
+      const int fd = open(path.c_str(), O_RDWR);
+      while (!stop.load()) {
+        (void)!ftruncate(fd, kImageSize / 2);
+        (void)!pwrite(fd, tail.data(), tail.size(), kImageSize / 2);
+      }
+      close(fd);
+    });
   }
 
   std::shared_ptr<Node> file_node(int child) {
@@ -541,16 +557,58 @@ TEST_P(QuorumTest, BlkverifyFailsOnADifferenceInALaterPiece) {
 
 // A reader that can send a range straight from a file (the NBD export's large reads) gets child 0's
 // range, and only in memory, for reads in quorum mode, once every child was found to agree.
-TEST_P(QuorumTest, LargeReadsMapChild0OnceTheChildrenAgree) {
+// How a caller maps a range of node `q`: map_file, or map_file_async run to its end.
+using MapFunction = block::FileRange (*)(Loop& loop, Node& q, uint64_t offset, uint64_t length,
+                                         block::MapAccess access);
+
+block::FileRange map_now(Loop&, Node& q, uint64_t offset, uint64_t length,
+                         block::MapAccess access) {
+  return q.map_file(offset, length, access);
+}
+
+// map_file_async: the export's way to map large reads, the comparison on a worker while the loop
+// could serve other requests.
+block::FileRange map_waiting(Loop& loop, Node& q, uint64_t offset, uint64_t length,
+                             block::MapAccess access) {
+  return run(loop, q.map_file_async(offset, length, access));
+}
+
+class QuorumMapTest : public QuorumFixture,
+                      public ::testing::WithParamInterface<std::tuple<std::string, MapFunction>> {
+ protected:
+  QuorumMapTest() : QuorumFixture(std::get<0>(GetParam())) {}
+  void SetUp() override {
+    struct statfs fs {};
+    if (in_memory() && (statfs("/dev/shm", &fs) != 0 || fs.f_type != TMPFS_MAGIC)) {
+      GTEST_SKIP() << "/dev/shm is not a tmpfs here";
+    }
+    QuorumFixture::SetUp();
+  }
+  bool in_memory() const { return std::get<0>(GetParam()) == "/dev/shm"; }
+  block::FileRange map(Node& q, uint64_t offset, uint64_t length, block::MapAccess access) {
+    return std::get<1>(GetParam())(*loop_, q, offset, length, access);
+  }
+};
+
+INSTANTIATE_TEST_SUITE_P(Files, QuorumMapTest,
+                         ::testing::Combine(::testing::Values("/var/tmp", "/dev/shm"),
+                                            ::testing::Values(&map_now, &map_waiting)),
+                         [](const auto& info) {
+                           return std::string(std::get<0>(info.param) == "/dev/shm" ? "InMemory"
+                                                                                    : "OnDisk") +
+                                  (std::get<1>(info.param) == &map_now ? "Now" : "Waiting");
+                         });
+
+TEST_P(QuorumMapTest, LargeReadsMapChild0OnceTheChildrenAgree) {
   auto node = quorum(threshold(2));
   ASSERT_TRUE(node.has_value()) << node.status().message();
   Node& q = **node;
   const uint64_t offset = 65536 + 512;
   const uint64_t length = 524288;
-  EXPECT_EQ(q.map_file(offset, 4096, block::MapAccess::kRead).fd, -1);
-  EXPECT_EQ(q.map_file(offset, length, block::MapAccess::kWrite).fd, -1);
-  const block::FileRange range = q.map_file(offset, length, block::MapAccess::kRead);
-  if (GetParam() != "/dev/shm") {
+  EXPECT_EQ(map(q, offset, 4096, block::MapAccess::kRead).fd, -1);
+  EXPECT_EQ(map(q, offset, length, block::MapAccess::kWrite).fd, -1);
+  const block::FileRange range = map(q, offset, length, block::MapAccess::kRead);
+  if (!in_memory()) {
     EXPECT_EQ(range.fd, -1);
     return;
   }
@@ -574,7 +632,7 @@ TEST_P(QuorumTest, LargeReadsMapChild0OnceTheChildrenAgree) {
     const uint64_t at = offset + length - 1 - static_cast<uint64_t>(child) * 100000;
     const std::vector<char> good = read_file(child, at, 1);
     write_file(child, at, pattern(1, static_cast<char>(good[0] ^ 1)));
-    EXPECT_EQ(q.map_file(offset, length, block::MapAccess::kRead).fd, -1);
+    EXPECT_EQ(map(q, offset, length, block::MapAccess::kRead).fd, -1);
     EXPECT_TRUE(events_.empty());
     std::vector<char> out(length);
     ASSERT_EQ(read(q, offset, out), 0);
@@ -586,13 +644,56 @@ TEST_P(QuorumTest, LargeReadsMapChild0OnceTheChildrenAgree) {
     events_.clear();
     write_file(child, at, good);
   }
+  // A hole in one child's range (not in the page cache) is not read through its mapping (that
+  // would allocate it): nothing is granted, and the child stays as sparse as it was.
+  const int fd = open(paths_[1].c_str(), O_RDWR);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 262144, 65536), 0);
+  close(fd);
+  struct stat punched {};
+  ASSERT_EQ(stat(paths_[1].c_str(), &punched), 0);
+  EXPECT_EQ(map(q, offset, length, block::MapAccess::kRead).fd, -1);
+  EXPECT_TRUE(events_.empty());
+  struct stat after {};
+  ASSERT_EQ(stat(paths_[1].c_str(), &after), 0);
+  EXPECT_EQ(after.st_blocks, punched.st_blocks);
   // fifo reads no child but the first that works: no mapping (it would skip nothing, but fifo is
   // not what this path is for).
   QuorumOptions fifo = threshold(1);
   fifo.read_pattern = QuorumOptions::ReadPattern::kFifo;
   auto other = quorum(fifo);
   ASSERT_TRUE(other.has_value());
-  EXPECT_EQ((*other)->map_file(offset, length, block::MapAccess::kRead).fd, -1);
+  EXPECT_EQ(map(**other, offset, length, block::MapAccess::kRead).fd, -1);
+}
+
+// Child 2's file shrinks and grows back over and over while the children are compared for
+// mappings: a comparison that touches a page just gone takes the fault (on the thread that
+// compares: the loop's or a worker) and nothing is granted for it; what is granted is child 0's
+// unchanged bytes. The process lives.
+TEST_P(QuorumMapTest, ChildShrinkingDuringMappingGrantsNothing) {
+  if (!in_memory()) GTEST_SKIP() << "only files in memory are compared in place";
+  auto node = quorum(threshold(2));
+  ASSERT_TRUE(node.has_value());
+  Node& q = **node;
+  const std::vector<char> expected = read_file(0, 0, kImageSize);
+  std::atomic<bool> stop{false};
+  std::thread shrinker = shrink_repeatedly(2, stop);
+  const uint64_t faults = guarded_fault_count();
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  int attempts = 0;
+  while ((guarded_fault_count() == faults || attempts < 50) &&
+         std::chrono::steady_clock::now() < deadline) {
+    const block::FileRange range = map(q, 0, kImageSize, block::MapAccess::kRead);
+    if (range.fd >= 0) {
+      EXPECT_EQ(std::memcmp(range.memory, expected.data(), kImageSize), 0);
+      q.release_file(range, block::MapAccess::kRead);
+    }
+    ++attempts;
+  }
+  stop = true;
+  shrinker.join();
+  EXPECT_TRUE(events_.empty());
+  EXPECT_GT(guarded_fault_count(), faults) << "no comparison met a shrunk page in " << attempts;
 }
 
 // Reading a hole through a mapping of a file in memory would allocate it: large reads over holes
@@ -629,16 +730,8 @@ TEST_P(QuorumTest, ChildShrinkingDuringLargeReadsIsOutvoted) {
   if (GetParam() != "/dev/shm") GTEST_SKIP() << "only files in memory are compared in place";
   auto node = quorum(threshold(2));
   ASSERT_TRUE(node.has_value());
-  const std::vector<char> tail = read_file(0, kImageSize / 2, kImageSize / 2);
   std::atomic<bool> stop{false};
-  std::thread shrinker([&] {
-    const int fd = open(paths_[0].c_str(), O_RDWR);
-    while (!stop.load()) {
-      (void)!ftruncate(fd, kImageSize / 2);
-      (void)!pwrite(fd, tail.data(), tail.size(), kImageSize / 2);
-    }
-    close(fd);
-  });
+  std::thread shrinker = shrink_repeatedly(0, stop);
   const std::vector<char> expected = read_file(1, 0, kImageSize);
   const uint64_t faults = guarded_fault_count();
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
