@@ -518,6 +518,10 @@ class QuorumNode final : public Node {
   Task<InPlace> compare_children_off_loop(uint64_t offset, uint64_t length, uint8_t* copy,
                                           ChildArray<block::FileRange>& ranges);
   Task<bool> read_mapped(uint64_t offset, uint64_t length, char* buffer);
+  // Writes a large request to children that are all files in memory, off the loop thread (see
+  // the definition). False, with nothing written, when some child is not.
+  Task<bool> write_mapped(uint64_t offset, uint64_t length, const void* buffer,
+                          ChildArray<int64_t>& results);
   Task<Comparison> compare_child(Node& child, uint64_t offset, uint64_t length, const char* expected,
                                  char* chunk, uint64_t chunk_size, uint32_t flags, int64_t& error);
   Task<int64_t> vote(uint64_t offset, uint64_t length, void* buffer, ChildArray<char*>& data,
@@ -859,11 +863,46 @@ Task<int64_t> QuorumNode::vote(uint64_t offset, uint64_t length, void* buffer,
   co_return 0;
 }
 
+// When every child's range lies in a host file in memory (Node::map_file with kWrite: writing the
+// bytes there is all the write needs), a large write is written into the children's files by a
+// pool worker, one pwrite each, while the loop serves other requests; through the children's
+// nodes each copy would run on the loop thread (a file in memory writes inline), one after
+// another. results[i] receives child i's outcome.
+Task<bool> QuorumNode::write_mapped(uint64_t offset, uint64_t length, const void* buffer,
+                                    ChildArray<int64_t>& results) {
+  const size_t count = children().size();
+  ChildArray<block::FileRange> ranges(count);
+  bool mapped = true;
+  for (size_t i = 0; i < count && mapped; ++i) {
+    ranges[i] = child_node(i).map_file(offset, length, block::MapAccess::kWrite);
+    mapped = ranges[i].fd >= 0;
+  }
+  if (mapped) {
+    int64_t* outcomes = &results[0];
+    const block::FileRange* targets = &ranges[0];
+    co_await RunInThread(loop(), [=]() noexcept -> int64_t {
+      for (size_t i = 0; i < count; ++i) {
+        outcomes[i] = write_whole(targets[i].fd, buffer, length, targets[i].offset);
+      }
+      return 0;
+    });
+  }
+  for (size_t i = 0; i < count; ++i) {
+    if (ranges[i].fd >= 0) child_node(i).release_file(ranges[i], block::MapAccess::kWrite);
+  }
+  co_return mapped;
+}
+
 Task<int64_t> QuorumNode::write(uint64_t offset, uint64_t length, const void* buffer,
                                 uint32_t flags) noexcept {
   InFlight guard(this);
   const size_t count = children().size();
   ChildArray<int64_t> results(count);
+  // FUA needs more than the bytes in the files: through the nodes.
+  if (length >= kSplitThreshold && flags == 0 &&
+      co_await write_mapped(offset, length, buffer, results)) {
+    co_return finish_write(results, offset, length);
+  }
   {
     Join join;
     for (size_t i = 0; i < count; ++i) {

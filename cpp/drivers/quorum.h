@@ -28,7 +28,9 @@
 //    otherwise none, and it reads.
 //  - Reads, read-pattern "fifo": children are read in order until one succeeds.
 //  - Writes and write-zeroes go to every child in parallel and succeed when at least vote-threshold
-//    children did (else QUORUM_FAILURE); flush likewise, without QUORUM_FAILURE.
+//    children did (else QUORUM_FAILURE); flush likewise, without QUORUM_FAILURE. Writes from 256
+//    KiB on (without FUA) to children that are all files in memory (Node::map_file) are written
+//    into the files by a pool worker while the loop serves other requests.
 //  - A failing child request is reported (QUORUM_REPORT_BAD with its error text) in every mode.
 //  - blkverify: two children, threshold 2; a mismatch fails the read with EIO and is reported as
 //    a quorum failure. (QEMU prints the offset and exits the process; blockd may run inside a

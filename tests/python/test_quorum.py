@@ -345,6 +345,23 @@ def test_writes_and_flushes_survive_one_failing_child(quorum: Quorum) -> None:
     assert quorum.events("QUORUM_REPORT_BAD") == [bad("d2", 2048, 16)]
 
 
+def test_large_writes_reach_every_child_and_reads_still_compare_them(quorum: Quorum) -> None:
+    # In memory a 1 MiB write goes into the three files from a worker thread; the next large read
+    # compares all three again, and a byte corrupted behind the engine's back is outvoted.
+    quorum.open()
+    data = random.Random(7).randbytes(MiB)
+    quorum.handle.pwrite(data, MiB)
+    for child in range(3):
+        assert quorum.file_bytes(child, MiB, MiB) == data
+    assert quorum.handle.pread(MiB, MiB) == data
+    assert quorum.events("QUORUM_REPORT_BAD") == []
+    quorum.advance(1)
+    quorum.corrupt(1, MiB + 12345, bytes([data[12345] ^ 0x01]))
+    assert quorum.handle.pread(MiB, MiB) == data
+    quorum.advance(1)
+    assert quorum.events("QUORUM_REPORT_BAD") == [bad("c1", 2048, 2048)]
+
+
 def test_writes_fail_below_the_threshold(quorum: Quorum) -> None:
     inject = [{"event": "write_aio", "errno": errno.ENOSPC}]
     quorum.open([quorum.child(0), quorum.child(1, inject), quorum.child(2, inject)])

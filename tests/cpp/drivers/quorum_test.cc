@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <linux/falloc.h>
 #include <linux/magic.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <unistd.h>
@@ -331,6 +332,59 @@ TEST_P(QuorumTest, WritesSucceedWithThresholdChildren) {
   EXPECT_EQ(events_[0].node_name, "d2");
   EXPECT_EQ(events_[0].sector_num, 4);
   EXPECT_EQ(events_[0].sectors_count, 2);
+}
+
+// A large write to children in memory goes into their files from a worker thread; with FUA it
+// goes through their nodes. Either way every child gets the bytes.
+TEST_P(QuorumTest, LargeWritesReachEveryChild) {
+  auto node = quorum(threshold(2));
+  ASSERT_TRUE(node.has_value());
+  const uint64_t offset = 4096 + 512;
+  for (const uint32_t flags : {0u, uint32_t{block::kRequestFua}}) {
+    SCOPED_TRACE(flags);
+    const auto data = pattern(524288, flags == 0 ? 'L' : 'F');
+    ASSERT_EQ(run(*loop_, (*node)->write(offset, data.size(), data.data(), flags)), 0);
+    for (int child = 0; child < 3; ++child) EXPECT_EQ(read_file(child, offset, data.size()), data);
+  }
+  EXPECT_TRUE(events_.empty());
+}
+
+class QuorumInMemoryTest : public QuorumFixture {
+ protected:
+  QuorumInMemoryTest() : QuorumFixture("/dev/shm") {}
+};
+
+// A child whose file refuses the write (a memfd sealed against writes: EPERM) fails alone in a
+// large write written from a worker thread: it is reported with its error and the others carry the
+// write.
+TEST_F(QuorumInMemoryTest, LargeWriteRefusedByOneChildIsReported) {
+  const int memfd = memfd_create("quorum-child", MFD_ALLOW_SEALING | MFD_CLOEXEC);
+  ASSERT_GE(memfd, 0);
+  const std::vector<char> original = read_file(2, 0, kImageSize);
+  ASSERT_EQ(pwrite(memfd, original.data(), original.size(), 0),
+            static_cast<ssize_t>(original.size()));
+  FileOptions options;
+  options.filename = "/proc/self/fd/" + std::to_string(memfd);
+  options.locking = FileOptions::Locking::kOff;
+  auto sealed = open_file_node(block::NodeOptions{.node_name = "m2"}, options, *loop_);
+  ASSERT_TRUE(sealed.has_value()) << sealed.status().message();
+  auto node = quorum(threshold(2), {file_node(0), file_node(1), *sealed});
+  ASSERT_TRUE(node.has_value());
+  ASSERT_EQ(fcntl(memfd, F_ADD_SEALS, F_SEAL_WRITE), 0);
+  const auto data = pattern(524288, 'S');
+  ASSERT_EQ(run(*loop_, (*node)->write(0, data.size(), data.data(), 0)), 0);
+  EXPECT_EQ(read_file(0, 0, data.size()), data);
+  EXPECT_EQ(read_file(1, 0, data.size()), data);
+  std::vector<char> kept(kImageSize);
+  ASSERT_EQ(pread(memfd, kept.data(), kept.size(), 0), static_cast<ssize_t>(kept.size()));
+  EXPECT_EQ(kept, original);
+  ASSERT_EQ(events_.size(), 1u);
+  EXPECT_EQ(events_[0].kind, QuorumEvent::Kind::kReportBad);
+  EXPECT_EQ(events_[0].op, QuorumEvent::Op::kWrite);
+  EXPECT_EQ(events_[0].node_name, "m2");
+  EXPECT_EQ(events_[0].error, "Operation not permitted");
+  EXPECT_EQ(events_[0].sectors_count, 1024);
+  close(memfd);
 }
 
 TEST_P(QuorumTest, WritesFailBelowThreshold) {
