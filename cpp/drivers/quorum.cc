@@ -7,8 +7,8 @@
 //     read fault in a hole of a tmpfs file would allocate it). One loop reads each child's byte
 //     once, XORs the others against child 0 in 32-byte lanes (AVX2 where the CPU has it) and
 //     stores child 0's bytes to the caller. From kSplitThreshold on this runs on a pool worker
-//     while the loop serves other requests (read, map_file_async), or, for a caller that cannot
-//     wait (map_file), the loop thread takes the first half and a worker the second. A child's
+//     while the loop serves other requests (read, map_file_async); a caller that cannot wait
+//     (map_file) has it done whole on its own thread. A child's
 //     file may shrink behind the engine's back and take pages from under the mapping: the
 //     comparison runs under run_fault_guarded, and the SIGBUS becomes a difference. map_file and
 //     map_file_async grant child 0's range on the same comparison, so that the NBD export sends
@@ -27,7 +27,6 @@
 #include <functional>
 
 #include <sys/mman.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "drivers/qemu_json.h"
@@ -227,59 +226,15 @@ bool equal_sources(const MappedSources& mapped, uint64_t start, uint64_t length)
   return true;
 }
 
-// Compares [start, start + length) under the fault guard: a child whose file shrank behind the
-// engine's back raises SIGBUS where its mapping lost its pages, which then counts as a
-// difference. `agreed` holds the answer.
-struct GuardedPart {
-  const MappedSources* mapped;
-  uint64_t start;
-  uint64_t length;
-  bool agreed = false;
-  void run() noexcept {
-    auto compare = [this]() noexcept -> int64_t {
-      return equal_sources(*mapped, start, length) ? 1 : 0;
-    };
-    agreed = run_fault_guarded(compare) == 1;
-  }
-};
-
-// How many comparisons run whole on the calling thread after a split that did not pay.
-constexpr unsigned kSplitBackoff = 32;
-
-uint64_t now_ns() noexcept {
-  timespec now{};
-  clock_gettime(CLOCK_MONOTONIC, &now);
-  return static_cast<uint64_t>(now.tv_sec) * 1000000000u + static_cast<uint64_t>(now.tv_nsec);
-}
-
 // Whether all children agree on the request (`length` bytes), with child 0's bytes copied to
-// mapped.copy when it is not null. From kSplitThreshold on, a worker thread takes the second
-// half while this thread does the first: memory bandwidth per core is what such a comparison
-// costs. That pays only while another core is free: when the calling thread, done with its half,
-// has to wait a quarter of that time again for the worker's (the worker was not scheduled, or was
-// preempted: the machine is busy), the next kSplitBackoff comparisons of this thread run whole,
-// sparing the hand-offs' CPU and the idle waits. Any thread; blocks, never suspends.
+// mapped.copy when it is not null. Under the fault guard: a child whose file shrank behind the
+// engine's back raises SIGBUS where its mapping lost its pages, which then counts as a
+// difference. Any thread; blocks, never suspends.
 bool compare_in_place(const MappedSources& mapped, uint64_t length) noexcept {
-  static thread_local unsigned unsplit = 0;
-  if (length < kSplitThreshold || unsplit > 0) {
-    if (length >= kSplitThreshold) --unsplit;
-    GuardedPart whole{&mapped, 0, length};
-    whole.run();
-    return whole.agreed;
-  }
-  const uint64_t half = (length / 2 + kSpan - 1) / kSpan * kSpan;
-  GuardedPart first{&mapped, 0, half};
-  GuardedPart second{&mapped, half, length - half};
-  const uint64_t start = now_ns();
-  uint64_t first_done = 0;
-  auto run_first = [&first, &first_done]() noexcept {
-    first.run();
-    first_done = now_ns();
+  auto compare = [&mapped, length]() noexcept -> int64_t {
+    return equal_sources(mapped, 0, length) ? 1 : 0;
   };
-  auto run_second = [&second]() noexcept { second.run(); };
-  ThreadPool::shared().run_beside(run_first, run_second);
-  if ((now_ns() - first_done) * 4 > first_done - start) unsplit = kSplitBackoff;
-  return first.agreed && second.agreed;
+  return run_fault_guarded(compare) == 1;
 }
 
 // Small per-request arrays: inline for the usual handful of children.
@@ -594,9 +549,8 @@ Task<QuorumNode::InPlace> QuorumNode::compare_children_off_loop(
             return static_cast<int64_t>(InPlace::kUnavailable);
           }
         }
-        GuardedPart whole{&mapped, 0, length};
-        whole.run();
-        return static_cast<int64_t>(whole.agreed ? InPlace::kAgreed : InPlace::kDisagreed);
+        return static_cast<int64_t>(compare_in_place(mapped, length) ? InPlace::kAgreed
+                                                                      : InPlace::kDisagreed);
       }));
   co_return verdict;
 }

@@ -6,7 +6,6 @@
 // started on demand, up to a fixed limit, and live until the process exits.
 #pragma once
 
-#include <atomic>
 #include <condition_variable>
 #include <coroutine>
 #include <cstdint>
@@ -22,9 +21,7 @@ namespace blockd::drivers {
 // errno.
 struct ThreadPoolJob {
   int64_t (*run)(ThreadPoolJob* self) = nullptr;
-  // Where the waiter resumes. Null: nothing is posted; `run` tells the submitter itself that the
-  // job is done, and the worker touches the job no more once `run` returns.
-  Loop* loop = nullptr;
+  Loop* loop = nullptr;            // where the waiter resumes
   std::coroutine_handle<> waiter;  // resumed on `loop` with `result` set
   int64_t result = 0;
   ThreadPoolJob* next = nullptr;  // queue link, owned by the pool while queued
@@ -42,28 +39,6 @@ class ThreadPool {
   // Stops and joins the workers after the queue drains (process exit).
   ~ThreadPool();
 
-  // Takes `job` back out of the queue if no worker has taken it yet (then it never runs). True
-  // when it did. Safe from any thread.
-  bool withdraw(ThreadPoolJob* job);
-
-  // Runs `first(first_context)` on the calling thread while a worker runs
-  // `second(second_context)`, and returns once both have returned. When no worker has taken
-  // `second` by the time `first` returns (every core busy), the calling thread runs it itself
-  // instead of waiting for one to be scheduled. Blocks the calling thread: for CPU-bound work of
-  // some tens of microseconds and up that a caller which may not suspend (Node::map_file) wants
-  // finished sooner. Not from inside `first` or `second` (one job per calling thread).
-  void run_beside(void (*first)(void*) noexcept, void* first_context,
-                  void (*second)(void*) noexcept, void* second_context);
-  // The same for two callables (void() noexcept) that the caller keeps alive across the call.
-  template <typename First, typename Second>
-  void run_beside(First& first, Second& second) {
-    run_beside([](void* f) noexcept { (*static_cast<First*>(f))(); }, &first,
-               [](void* s) noexcept { (*static_cast<Second*>(s))(); }, &second);
-  }
-
-  // The most worker threads the pool starts.
-  static constexpr size_t kMaxWorkers = 64;
-
   // Number of worker threads started so far, for tests.
   size_t TEST_worker_count();
 
@@ -71,6 +46,7 @@ class ThreadPool {
   ThreadPool() = default;
   void worker();
 
+  static constexpr size_t kMaxWorkers = 64;
   std::mutex mutex_;
   std::condition_variable wake_;
   ThreadPoolJob* head_ = nullptr;
