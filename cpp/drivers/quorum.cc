@@ -185,16 +185,26 @@ template <size_t kOthers, bool kCopy>
 }
 
 // equal_lanes for two and three sources, built for AVX2 and for the baseline (the dynamic loader
-// picks one for the machine).
-[[gnu::target_clones("avx2", "default")]] bool equal_two(const uint8_t* const* sources,
-                                                         uint64_t start, uint64_t length,
-                                                         uint8_t* copy) noexcept {
+// picks one for the machine). Not under ThreadSanitizer: the loader runs the resolver that picks
+// the clone while it relocates the program, before the TSan runtime is set up, and the resolver's
+// instrumentation then crashes the process at start. That build keeps the baseline version.
+#if defined(__SANITIZE_THREAD__)
+#define BLOCKD_AVX2_CLONES
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define BLOCKD_AVX2_CLONES
+#endif
+#endif
+#ifndef BLOCKD_AVX2_CLONES
+#define BLOCKD_AVX2_CLONES [[gnu::target_clones("avx2", "default")]]
+#endif
+BLOCKD_AVX2_CLONES bool equal_two(const uint8_t* const* sources, uint64_t start, uint64_t length,
+                                  uint8_t* copy) noexcept {
   return copy != nullptr ? equal_lanes<1, true>(sources, start, length, copy)
                          : equal_lanes<1, false>(sources, start, length, nullptr);
 }
-[[gnu::target_clones("avx2", "default")]] bool equal_three(const uint8_t* const* sources,
-                                                           uint64_t start, uint64_t length,
-                                                           uint8_t* copy) noexcept {
+BLOCKD_AVX2_CLONES bool equal_three(const uint8_t* const* sources, uint64_t start, uint64_t length,
+                                    uint8_t* copy) noexcept {
   return copy != nullptr ? equal_lanes<2, true>(sources, start, length, copy)
                          : equal_lanes<2, false>(sources, start, length, nullptr);
 }
