@@ -76,12 +76,14 @@ void Loop::arm_wakeup() {
 }
 
 void Loop::post(std::function<void()> work) {
-  bool was_empty;
-  {
-    std::lock_guard lock(posted_mutex_);
-    was_empty = posted_.empty();
-    posted_.push_back(std::move(work));
-  }
+  // The wake-up is written before the lock goes. Once the lock is released the loop thread may
+  // run `work`, which may finish what the loop's owner waits for (a pool worker posts the
+  // completion of the last request), and the owner may then destroy the loop: after the unlock
+  // this thread must not touch the loop, not even to read wakeup_fd_, whose number may by then
+  // name another open file.
+  std::lock_guard lock(posted_mutex_);
+  const bool was_empty = posted_.empty();
+  posted_.push_back(std::move(work));
   if (was_empty) {
     uint64_t one = 1;
     // The eventfd counter cannot overflow in practice; a failed write only delays the wake-up of a

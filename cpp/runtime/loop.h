@@ -58,7 +58,8 @@ class Loop {
   // Makes run() return after the current iteration and the submissions it queued. Any thread.
   void stop();
 
-  // Queues `work` to run on the loop thread. Safe from any thread, including the loop's own.
+  // Queues `work` to run on the loop thread. Safe from any thread, including the loop's own. The
+  // loop may be destroyed as soon as `work` has run (post touches nothing of it after queueing).
   void post(std::function<void()> work);
 
   // Starts `task` on this loop, detached: its frame frees itself when it finishes. Loop thread only
