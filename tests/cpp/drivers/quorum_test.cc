@@ -20,6 +20,7 @@
 
 #include "drivers/blkdebug.h"
 #include "drivers/file.h"
+#include "drivers/thread_pool.h"
 #include "runtime/fault_guard.h"
 #include "test_support.h"
 
@@ -805,6 +806,62 @@ TEST_P(QuorumTest, ChildShrinkingDuringLargeReadsIsOutvoted) {
   stop = true;
   shrinker.join();
   EXPECT_GT(guarded_fault_count(), faults) << "no read met a shrunk page in " << reads << " reads";
+}
+
+// Large writes, reads and mappings of distinct ranges, all in flight at once on the loop: from
+// 256 KiB on, writes to children in memory, comparisons for reads and map_file_async run on pool
+// workers, side by side, while the loop thread starts the other ranges' requests and resumes
+// those that finish. Each range's task checks what it reads and maps against what it last wrote.
+// This is the test to run under ThreadSanitizer (./dev tsan) for races between the loop thread
+// and the workers of the quorum's paths.
+TEST_P(QuorumTest, LargeRequestsOfManyRangesRunOnWorkersAtOnce) {
+  auto node = quorum(threshold(2));
+  ASSERT_TRUE(node.has_value());
+  constexpr uint64_t kRange = 256 << 10;
+  constexpr int kRanges = static_cast<int>(kImageSize / kRange);
+  constexpr int kRounds = 8;
+  const bool in_memory = GetParam() == "/dev/shm";
+  int failures = 0;
+  int finished = 0;
+  auto exercise = [](Node& q, int index, bool in_memory, int& failures,
+                     int& finished) -> Task<void> {
+    const uint64_t offset = static_cast<uint64_t>(index) * kRange;
+    std::vector<char> written(kRange);
+    std::vector<char> out(kRange);
+    for (int round = 0; round < kRounds; ++round) {
+      std::fill(written.begin(), written.end(), static_cast<char>(index * 16 + round + 1));
+      if (co_await q.write(offset, kRange, written.data(), 0) != 0) ++failures;
+      if (co_await q.read(offset, kRange, out.data(), 0) != 0 || out != written) ++failures;
+      const block::FileRange range =
+          co_await q.map_file_async(offset, kRange, block::MapAccess::kRead);
+      // Children in memory that agree and are in the page cache: the range is granted.
+      if ((range.fd >= 0) != in_memory) ++failures;
+      if (range.fd >= 0) {
+        if (range.memory == nullptr || std::memcmp(range.memory, written.data(), kRange) != 0) {
+          ++failures;
+        }
+        q.release_file(range, block::MapAccess::kRead);
+      }
+    }
+    ++finished;
+  };
+  for (int i = 0; i < kRanges; ++i) {
+    loop_->spawn(exercise(**node, i, in_memory, failures, finished));
+  }
+  loop_->run_until([&] { return finished == kRanges; });
+  EXPECT_EQ(failures, 0);
+  EXPECT_TRUE(events_.empty());
+  // In memory the workers did the work (each test has a process of its own under ctest).
+  if (in_memory) {
+    EXPECT_GT(ThreadPool::shared().TEST_worker_count(), 0u);
+  }
+  for (int child = 0; child < 3; ++child) {
+    for (int i = 0; i < kRanges; ++i) {
+      EXPECT_EQ(read_file(child, i * kRange, kRange),
+                pattern(kRange, static_cast<char>(i * 16 + kRounds)))
+          << "child " << child << ", range " << i;
+    }
+  }
 }
 
 // ---- blkdebug on its own.
