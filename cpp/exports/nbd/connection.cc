@@ -44,10 +44,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 
 #include "runtime/fault_guard.h"
 #include "runtime/fd_io.h"
@@ -61,6 +63,41 @@ namespace {
 // mapping is given up. A client that reads its replies empties a full send buffer within
 // microseconds to a few milliseconds, so this only catches clients that stopped (or nearly).
 constexpr std::chrono::milliseconds kStallGrace{50};
+
+// Part of a copy into a writable shared mapping of a file: `length` bytes from `source` go to
+// `target`, and every page of [target, target + span) is touched first (span >= length).
+struct MappingFill {
+  uint8_t* target;
+  size_t span;
+  const uint8_t* source;
+  size_t length;
+};
+
+// Copies to_fill(item) for every item of `items` into the mapping, all in one fault-guarded call
+// (the guard costs two system calls, about what one pwrite costs). False when touching the
+// mapping raised SIGBUS (another process shrank the file): the copy stopped there, and the
+// caller writes the data again through the descriptor. Every page of every piece is read before
+// any is written: a read fault maps the neighbouring pages of the file too (fault-around), a
+// write fault only its own, so random writes to a fresh mapping fault a sixteenth as often; and
+// the cache misses of all the pages overlap.
+template <typename Items, typename ToFill>
+bool fill_mapping(const Items& items, ToFill to_fill) noexcept {
+  auto fill = [&items, &to_fill]() noexcept -> int64_t {
+    for (const auto& item : items) {
+      const MappingFill piece = to_fill(item);
+      const auto start = reinterpret_cast<uintptr_t>(piece.target);
+      for (uintptr_t page = start & ~uintptr_t{4095}; page < start + piece.span; page += 4096) {
+        (void)*reinterpret_cast<const volatile uint8_t*>(page);
+      }
+    }
+    for (const auto& item : items) {
+      const MappingFill piece = to_fill(item);
+      if (piece.length > 0) std::memcpy(piece.target, piece.source, piece.length);
+    }
+    return 0;
+  };
+  return run_fault_guarded(fill) == 0;
+}
 
 }  // namespace
 
@@ -332,19 +369,11 @@ Task<bool> Connection::receive_into_file(int file_fd, uint64_t file_offset, uint
   if (memory != nullptr) {
     // Straight into the node's writable mapping: the start from the receive buffer here, the
     // rest from the socket with recv below. The kernel copies each byte once, with no per-page
-    // work in the file system (what pwrite or splicing into the file costs). The pages are read
-    // first: a read fault maps sixteen neighbouring pages writable where write faults would map
-    // one each. Under the fault guard: a file shrunk under the mapping faults here, and the
-    // payload takes the ordinary way.
-    auto fill = [memory, length, start, buffered]() noexcept -> int64_t {
-      const auto first = reinterpret_cast<uintptr_t>(memory);
-      for (uintptr_t page = first & ~uintptr_t{4095}; page < first + length; page += 4096) {
-        (void)*reinterpret_cast<const volatile uint8_t*>(page);
-      }
-      if (buffered > 0) std::memcpy(memory, start, buffered);
-      return 0;
-    };
-    in_memory = run_fault_guarded(fill) == 0;
+    // work in the file system (what pwrite or splicing into the file costs). All the payload's
+    // pages are touched first (fill_mapping); a file shrunk under the mapping faults here, and
+    // the payload takes the ordinary way.
+    const MappingFill whole{memory, static_cast<size_t>(length), start, buffered};
+    in_memory = fill_mapping(std::array{whole}, std::identity{});
   }
   if (!in_memory && buffered > 0) file_error = write_whole(file_fd, start, buffered, file_offset);
   uint64_t left = length - buffered;
@@ -1206,24 +1235,11 @@ bool Connection::complete_inline(const Request& request, uint64_t payload_length
 
 void Connection::flush_mapped_writes() noexcept {
   if (mapped_writes_.empty()) return;
-  // One guarded call for the whole batch: the guard costs two system calls, a small write alone
-  // would pay for it what a pwrite costs.
-  auto copy_all = [this]() noexcept -> int64_t {
-    // Every page is read before any is written: a read fault maps the neighbouring pages of the
-    // file too (fault-around), a write fault only its own, so random writes to a fresh mapping
-    // fault a sixteenth as often; and the cache misses of all the pages overlap.
-    for (const InlineReply* write : mapped_writes_) {
-      const auto start = reinterpret_cast<uintptr_t>(write->target);
-      for (uintptr_t page = start & ~uintptr_t{4095}; page < start + write->length; page += 4096) {
-        (void)*reinterpret_cast<const volatile uint8_t*>(page);
-      }
-    }
-    for (const InlineReply* write : mapped_writes_) {
-      std::memcpy(write->target, write->source, write->length);
-    }
-    return 0;
-  };
-  const bool faulted = run_fault_guarded(copy_all) < 0;
+  // One guarded call for the whole batch: a small write alone would pay for the guard what a
+  // pwrite costs.
+  const bool faulted = !fill_mapping(mapped_writes_, [](const InlineReply* write) {
+    return MappingFill{write->target, write->length, write->source, write->length};
+  });
   for (InlineReply* write : mapped_writes_) {
     int ret = 0;
     // The file shrank under the mapping: every write of the batch goes again, in order, through
