@@ -66,6 +66,12 @@ io_uring_sqe* Loop::get_sqe() noexcept {
   return sqe;
 }
 
+void Loop::submit_now() noexcept {
+  if (pending_submissions_ == 0) return;
+  io_uring_submit(&ring_);
+  pending_submissions_ = 0;
+}
+
 void Loop::arm_wakeup() {
   if (wakeup_armed_) return;
   wakeup_armed_ = true;

@@ -204,6 +204,8 @@ class Loop {
 
   // For the Awaitables above.
   io_uring_sqe* get_sqe() noexcept;
+  // Hands the operations queued so far to the kernel now, not at the end of the iteration.
+  void submit_now() noexcept;
 
  private:
   explicit Loop(unsigned entries);

@@ -160,6 +160,30 @@ TEST(LoopTest, SocketSendRecv) {
   close(fds[1]);
 }
 
+TEST(LoopTest, SubmitNowHandsQueuedOperationsToTheKernelAtOnce) {
+  auto loop = make_loop();
+  int fds[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), 0);
+  bool sent = false;
+  // The send is queued when the task first suspends; the iteration would submit it later.
+  loop->spawn([](Loop& l, int fd, bool& flag) -> Task<void> {
+    EXPECT_EQ(co_await l.send(fd, "now", 3, MSG_NOSIGNAL), 3);
+    flag = true;
+  }(*loop, fds[0], sent));
+  char buffer[4] = {};
+  EXPECT_EQ(recv(fds[1], buffer, sizeof buffer, MSG_DONTWAIT), -1);
+  EXPECT_EQ(errno, EAGAIN);
+  loop->submit_now();
+  // The kernel has run the send during the submission, before the loop iterated.
+  EXPECT_EQ(recv(fds[1], buffer, sizeof buffer, MSG_DONTWAIT), 3);
+  EXPECT_STREQ(buffer, "now");
+  EXPECT_FALSE(sent);
+  loop->run_until([&] { return sent; });
+  EXPECT_EQ(loop->in_flight(), 0u);
+  close(fds[0]);
+  close(fds[1]);
+}
+
 TEST(LoopTest, TimerOrdering) {
   auto loop = make_loop();
   std::vector<int> order;
