@@ -57,6 +57,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runtime", type=int, default=5, help="seconds per fio run (default 5)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="seconds of unmeasured fio before each measured run, on the same "
+                             "server process (default 1; 0: none)")
     parser.add_argument("--size", type=int, default=512, help="child size in MiB (default 512)")
     parser.add_argument("--image", default="/dev/shm/blockd-quorum-bench",
                         help="children are IMAGE.c0, .c1, .c2 (default in /dev/shm; removed)")
@@ -95,7 +98,7 @@ def main() -> int:
                 for workload in workloads:
                     for server in servers:
                         run = bench.run_one(server, workload, rep, args.image, Path(tmp),
-                                            args.runtime, fio)
+                                            args.runtime, fio, warmup=args.warmup)
                         results.setdefault((workload.key, server.key), []).append(run)
                         print(f"rep {rep} {workload.key} {server.key}: "
                               + (f"{run.iops:.0f} IOPS, {run.cpu_us_per_io:.1f} µs CPU/IO"
@@ -106,7 +109,7 @@ def main() -> int:
             path.unlink(missing_ok=True)
     load_end = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print()
-    print(f"load average at start {load_start}, at end {load_end}; "
+    print(f"load average at start {load_start}, at end {load_end}; warm-up {args.warmup} s; "
           "cells: median IOPS, MiB/s, server CPU µs per I/O")
     print()
     keys = [s.key for s in servers]

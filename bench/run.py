@@ -218,11 +218,14 @@ def tail(path: Path, limit: int = 1500) -> str:
 
 def run_one(server: Server, workload: Workload, rep: int, image: str, workdir: Path,
             runtime: int, fio: str, prepare: Callable[[str], str] | None = None,
-            timed: bool = True) -> Run:
+            timed: bool = True, warmup: int = 0) -> Run:
     """One fio run against a server started alone on image. prepare(socket path) runs once the
     server serves, before fio, and returns an error text or ''. With timed=False fio runs
     without --time_based (the workload must bound itself, e.g. with --io_size) and runtime is only
-    the time limit."""
+    the time limit. With warmup > 0, a first fio run of the same workload lasts that many seconds
+    and is not measured: the server's CPU time and fio's figures come from the second run only,
+    on the same server process (steady state: a server that maps the image has by then mapped
+    the pages the workload touches, and every server's caches and threads are set up)."""
     run = Run(rep, workload.key, server.key)
     sock = str(workdir / f"{server.key}.sock")
     if os.path.exists(sock):
@@ -241,10 +244,22 @@ def run_one(server: Server, workload: Workload, rep: int, image: str, workdir: P
             return run
         uri = f"nbd+unix:///{EXPORT}?socket={sock}"
         fio_json = workdir / f"{server.key}.{workload.key}.{rep}.fio.json"
+
+        def fio_argv(timing: list[str], output: Path) -> list[str]:
+            return [fio, "--name=bench", "--ioengine=nbd", f"--uri={uri}", *workload.fio_args,
+                    *timing, "--norandommap", "--randrepeat=0",
+                    "--group_reporting", "--output-format=json", f"--output={output}"]
+
+        if warmup > 0 and timed:
+            warm = subprocess.run(
+                fio_argv(["--time_based", f"--runtime={warmup}"], workdir / "warmup.json"),
+                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=warmup + 60)
+            if warm.returncode != 0 or proc.poll() is not None:
+                run.error = (f"the warm-up fio run failed (status {warm.returncode}): "
+                             f"{warm.stderr.strip()[-1500:]}; server output: {tail(server_log)}")
+                return run
         timing = ["--time_based", f"--runtime={runtime}"] if timed else []
-        argv = [fio, "--name=bench", "--ioengine=nbd", f"--uri={uri}", *workload.fio_args,
-                *timing, "--norandommap", "--randrepeat=0",
-                "--group_reporting", "--output-format=json", f"--output={fio_json}"]
+        argv = fio_argv(timing, fio_json)
         before = cpu_seconds(proc.pid)
         start = time.monotonic()
         try:
@@ -416,6 +431,12 @@ def report(runs: list[Run], servers: list[Server], workloads: list[Workload], ar
         f"--runtime={args.runtime} --norandommap --randrepeat=0 --group_reporting "
         "--output-format=json` plus the workload's options (below). `numjobs=4` opens 4 NBD "
         "connections.\n"
+        + (f"- Warm-up: before the measured run, fio runs the same workload for {args.warmup} s "
+           "against the same server process, unmeasured (`--warmup`). The figures are the "
+           "servers' steady state: first-touch costs (page-table entries of a mapped image, "
+           "thread and buffer set-up) fall outside the window for every server.\n"
+           if args.warmup > 0 else "- No warm-up: each measured run starts on a fresh server "
+           "process.\n") +
         "- IOPS are read + write IOPS; bandwidth is read + write. Server CPU is utime + stime of "
         "the server process (all threads) from /proc/PID/stat around the fio run, divided by the "
         "I/Os fio completed (µs of server CPU per I/O; clock tick "
@@ -543,6 +564,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="3 s per run instead of 10 s")
     parser.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
     parser.add_argument("--runtime", type=int, help="seconds per fio run (overrides --quick)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="seconds of unmeasured fio on each server before the measured run, "
+                             "same workload and server process (default 1; 0: none)")
     parser.add_argument("--servers", help="comma-separated subset of: "
                         + ",".join(s.key for s in make_servers()))
     parser.add_argument("--workloads", help="comma-separated subset of: "
@@ -592,7 +616,7 @@ def main() -> int:
                 for workload in workloads:
                     for server in servers:
                         run = run_one(server, workload, rep, str(image), workdir, args.runtime,
-                                      fio)
+                                      fio, warmup=args.warmup)
                         runs.append(run)
                         status = (f"{fmt_count(run.iops)} IOPS, {fmt_bw(run.bw_bytes)}, "
                                   f"{run.cpu_us_per_io:.1f} µs CPU/IO" if run.ok else "FAILED")
