@@ -219,6 +219,10 @@ void Loop::run_until(const std::function<bool()>& done) {
 }
 
 void Loop::stop() {
+  // Under the queue's lock, as in post(): run() takes that lock once more (run_posted) before it
+  // returns, so the loop cannot be gone, nor wakeup_fd_ closed, while another thread is still
+  // between setting the flag and writing the wake-up.
+  std::lock_guard lock(posted_mutex_);
   stop_requested_.store(true, std::memory_order_release);
   uint64_t one = 1;
   [[maybe_unused]] ssize_t written = ::write(wakeup_fd_, &one, sizeof one);

@@ -55,7 +55,9 @@ class Loop {
   // Runs iterations until `done()` returns true (checked after every iteration). For tests and for
   // draining: deterministic, no sleeps; blocks in the kernel only while work is outstanding.
   void run_until(const std::function<bool()>& done);
-  // Makes run() return after the current iteration and the submissions it queued. Any thread.
+  // Makes run() return after the current iteration and the submissions it queued. Any thread;
+  // like post(), it touches nothing of the loop once run() may have returned, so the run()'s
+  // caller may destroy the loop as soon as run() is back.
   void stop();
 
   // Queues `work` to run on the loop thread. Safe from any thread, including the loop's own. The
