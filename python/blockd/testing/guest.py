@@ -37,7 +37,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -350,9 +350,11 @@ mount -t devtmpfs devtmpfs /dev
 for module in /lib/guest-modules/*.ko; do
     insmod "$module" || echo "init: insmod $module failed"
 done
-waited=0
-while [ ! -b /dev/vda ] && [ $waited -lt 100 ]; do sleep 0.1; waited=$((waited + 1)); done
-[ -b /dev/vda ] || echo "init: /dev/vda did not appear"
+for disk in {disks}; do
+    waited=0
+    while [ ! -b /dev/$disk ] && [ $waited -lt 100 ]; do sleep 0.1; waited=$((waited + 1)); done
+    [ -b /dev/$disk ] || echo "init: /dev/$disk did not appear"
+done
 dmesg -n 1
 echo {begin}
 sh /test.sh 2>&1
@@ -363,11 +365,14 @@ poweroff -f
 """
 
 
-def build_initramfs(image: GuestImage, script: str, files: Mapping[str, bytes] = {}) -> bytes:
-    """The gzipped initramfs that runs `script`, with `files` (guest path -> content) added."""
+def build_initramfs(image: GuestImage, script: str, files: Mapping[str, bytes] = {}, disks: int = 1) -> bytes:
+    """The gzipped initramfs that runs `script` once `disks` disks are there, with `files`
+    (guest path -> content) added."""
     archive = _Cpio()
     archive.directory("dev")
-    archive.file("init", _INIT.format(begin=BEGIN_MARKER, end=END_MARKER, log=KERNEL_LOG_MARKER).encode(), 0o755)
+    names = " ".join("vd" + chr(ord("a") + index) for index in range(disks))
+    init = _INIT.format(begin=BEGIN_MARKER, end=END_MARKER, log=KERNEL_LOG_MARKER, disks=names)
+    archive.file("init", init.encode(), 0o755)
     archive.file("bin/busybox", image.busybox.read_bytes(), 0o755)
     for module in image.modules:
         archive.file(f"lib/guest-modules/{module.name}", module.read_bytes())
@@ -395,11 +400,14 @@ def _between_markers(console: str) -> tuple[str, int] | None:
     return text[begin + len(BEGIN_MARKER) + 1:match.start()], int(match.group(1))
 
 
+Socket = str | os.PathLike[str]
+
+
 def run_guest(
-    vhost_socket: str | os.PathLike[str],
+    vhost_socket: Socket | Sequence[Socket],
     script: str,
     *,
-    num_queues: int = 1,
+    num_queues: int | Sequence[int] = 1,
     files: Mapping[str, bytes] = {},
     timeout: float = 120.0,
     memory_mib: int = 256,
@@ -407,20 +415,30 @@ def run_guest(
     """Boots a guest whose /dev/vda is the vhost-user-blk export at `vhost_socket` and runs
     `script` (busybox sh, as root) in it.
 
-    The device gets `num_queues` virtqueues and the guest as many CPUs (the guest driver uses
-    no more queues than CPUs). `files` are added to the guest's root file system. Returns the
-    script's output and exit status; raises GuestFailed when QEMU fails or the script does not
-    finish within `timeout` seconds (QEMU is killed then), GuestUnavailable when the guest cannot
-    be fetched.
+    Given several sockets, the guest gets one disk each, in order: /dev/vda, /dev/vdb, ...
+    `num_queues` is each device's number of virtqueues (one number for all, or one each); the
+    guest gets as many CPUs as the largest, since its driver uses no more queues than CPUs.
+    `files` are added to the guest's root file system. Returns the script's output and exit
+    status; raises GuestFailed when QEMU fails or the script does not finish within `timeout`
+    seconds (QEMU is killed then), GuestUnavailable when the guest cannot be fetched.
     """
     image = guest_image()
     if shutil.which(QEMU) is None:
         raise GuestUnavailable(f"{QEMU} is not installed (Debian package qemu-system-x86)")
+    sockets = [vhost_socket] if isinstance(vhost_socket, (str, os.PathLike)) else list(vhost_socket)
+    queues = [num_queues] * len(sockets) if isinstance(num_queues, int) else list(num_queues)
+    if len(queues) != len(sockets):
+        raise ValueError(f"{len(sockets)} sockets but {len(queues)} queue counts")
+    devices = []
+    for index, (path, count) in enumerate(zip(sockets, queues)):
+        # Fixed PCI slots in socket order: the guest names the disks in probe (slot) order.
+        devices += ["-chardev", f"socket,id=vhost{index},path={os.fspath(path)}",
+                    "-device", f"vhost-user-blk-pci,chardev=vhost{index},num-queues={count},addr={4 + index:#x}"]
     with tempfile.TemporaryDirectory(prefix="blockd-guest-") as scratch:
         initrd = Path(scratch) / "initrd.gz"
-        initrd.write_bytes(build_initramfs(image, script, files))
+        initrd.write_bytes(build_initramfs(image, script, files, len(sockets)))
         argv = [
-            QEMU, "-accel", "tcg", "-cpu", "qemu64,-cx16", "-smp", str(num_queues),
+            QEMU, "-accel", "tcg", "-cpu", "qemu64,-cx16", "-smp", str(max(queues)),
             "-m", f"{memory_mib}M",
             # vhost-user: the back-end maps guest RAM, so it must be shared memory.
             "-object", f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on",
@@ -428,8 +446,7 @@ def run_guest(
             "-nodefaults", "-nographic", "-no-reboot", "-serial", "stdio",
             "-kernel", str(image.kernel), "-initrd", str(initrd),
             "-append", "console=ttyS0 panic=-1 quiet",
-            "-chardev", f"socket,id=vhost0,path={os.fspath(vhost_socket)}",
-            "-device", f"vhost-user-blk-pci,chardev=vhost0,num-queues={num_queues}",
+            *devices,
         ]
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE)
