@@ -153,9 +153,10 @@ def _run_tool(argv: list[str], what: str, cwd: Path | None = None) -> str:
     result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         detail = (result.stderr or result.stdout).strip().splitlines()
+        hint = " (are the apt package lists there? apt-get update)" if argv[0].startswith("apt") else ""
         raise GuestUnavailable(
             f"cannot fetch {what}: `{' '.join(argv)}` failed with {result.returncode}"
-            + (f": {detail[-1]}" if detail else "")
+            + (f": {detail[-1]}" if detail else "") + hint
         )
     return result.stdout
 
