@@ -1,7 +1,7 @@
 """The vhost-user-blk export under a real guest: QEMU's vhost-user-blk-pci device and a Linux
-guest's virtio_blk driver use the exports as /dev/vda and /dev/vdb (see ``blockd.testing.guest``).
+guest's virtio_blk driver use the exports as /dev/vda, vdb and vdc (see ``blockd.testing.guest``).
 
-A boot costs several seconds under TCG, so one guest with two disks runs most checks (a second
+A boot costs several seconds under TCG, so one guest with three disks runs most checks (a second
 guest only reconnects and reads back): the script prints ``name=value`` lines, and the test
 compares them with what the host knows. Data written by the guest is checked on the host after
 the server has exited, on the image files themselves (and with ``qemu-img check`` / ``qemu-img
@@ -166,29 +166,52 @@ def make_qcow2(path: Path, content: bytes) -> Path:
     return path
 
 
-def test_guest_on_two_exports(server: Server, tmp_path: Path) -> None:
-    """One guest, two disks: /dev/vda a writable qcow2 export with two queues and 4 KiB logical
-    blocks, /dev/vdb a read-only raw export with one queue and 512-byte blocks."""
-    # The host's data: random areas in a qcow2 image, a whole raw image of random bytes whose
-    # size is not a multiple of 4 KiB.
+def random_data(length: int) -> bytearray:
+    """Random bytes, except that sector 0 has no MBR signature (the guest must see no partitions)."""
+    data = bytearray(os.urandom(length))
+    data[510:512] = bytes(2)
+    return data
+
+
+def test_guest_on_three_exports(server: Server, tmp_path: Path) -> None:
+    """One guest, three disks: /dev/vda a writable qcow2 export with two queues and 4 KiB logical
+    blocks, /dev/vdb a read-only raw export with one queue and 512-byte blocks, /dev/vdc a raw
+    image under blkdebug that fails reads and writes in one place each."""
+    # The host's data: random areas in a qcow2 image, whole raw images of random bytes (vdb's
+    # size is not a multiple of 4 KiB).
     qcow2_content = bytearray(32 * MiB)
     for offset, length in ((0, MiB), (8 * MiB, MiB), (20 * MiB, MiB), (24 * MiB, 512 * KiB)):
-        qcow2_content[offset:offset + length] = os.urandom(length)
+        qcow2_content[offset:offset + length] = random_data(length)
     qcow2 = make_qcow2(tmp_path / "disk.qcow2", qcow2_content)
     raw = tmp_path / "disk.raw"
-    raw_content = os.urandom(8 * MiB + 3 * 512)
+    raw_content = bytes(random_data(8 * MiB + 3 * 512))
     raw.write_bytes(raw_content)
+    faulty = tmp_path / "faulty.raw"
+    faulty.write_bytes(random_data(4 * MiB))
 
     proc = server.start("--blockdev", f"file,node-name=file0,filename={qcow2},discard=unmap",
                         "--blockdev", "qcow2,node-name=fmt0,file=file0,discard=unmap",
                         "--blockdev", f"file,node-name=file1,filename={raw}")
-    sockets = [tmp_path / "vda.sock", tmp_path / "vdb.sock"]
+    bad_read, bad_write = MiB, 2 * MiB
+    # raw over blkdebug: the raw driver's reads and writes raise the read_aio and write_aio events.
+    proc.qmp.command("blockdev-add", {
+        "driver": "raw", "node-name": "fmt2",
+        "file": {
+            "driver": "blkdebug", "node-name": "debug2",
+            "image": {"driver": "file", "node-name": "file2", "filename": str(faulty)},
+            "inject-error": [{"event": "read_aio", "errno": 5, "sector": bad_read // 512},
+                             {"event": "write_aio", "errno": 5, "sector": bad_write // 512}],
+        },
+    })
+    sockets = [tmp_path / "vda.sock", tmp_path / "vdb.sock", tmp_path / "vdc.sock"]
     add_export(proc, "fmt0", sockets[0], writable=True, num_queues=2, logical_block_size=4096)
     add_export(proc, "file1", sockets[1], writable=False)
+    add_export(proc, "fmt2", sockets[2], writable=True)
 
     script = GuestScript()
     vda = Disk(script, "vda", qcow2_content)
     vdb = Disk(script, "vdb", bytearray(raw_content))
+    vdc = Disk(script, "vdc", bytearray(faulty.read_bytes()))
     vda.sysfs()
     vdb.sysfs()
 
@@ -254,41 +277,55 @@ def test_guest_on_two_exports(server: Server, tmp_path: Path) -> None:
     )
     vdb.read("read_after", 0, len(raw_content))
 
-    result = run_guest(sockets, script.text(), num_queues=[2, 1], files=script.files)
-    assert result.status == 0, result
+    # vdc: the failing read and write fail in the guest, the rest of the disk works.
+    script.files["/data/vdc.w"] = os.urandom(4 * KiB)
+    script.add(f"dd if=/dev/vdc of=/dev/null bs=4096 skip={bad_read // 4096} count=1 iflag=direct 2>/dev/null; "
+               "echo vdc.bad_read=$?",
+               f"dd if=/data/vdc.w of=/dev/vdc bs=4096 seek={bad_write // 4096} oflag=direct conv=notrunc 2>/dev/null; "
+               "echo vdc.bad_write=$?")
+    vdc.read("good_read", bad_read - 64 * KiB, 64 * KiB)
+    vdc.write("good_write", 3 * MiB, os.urandom(64 * KiB))
+    vdc.read("after", 3 * MiB - 4 * KiB, 72 * KiB)
+
+    result = run_guest(sockets, script.text(), num_queues=[2, 1, 1], files=script.files)
+    assert result.status == 0, str(result)
 
     values = vda.values(result)
-    assert values["sectors"] == str(32 * MiB // 512), result
-    assert values["size64"] == str(32 * MiB), result
-    assert values["logical_block_size"] == "4096", result
-    assert values["ro"] == "0" and values["getro"] == "0", result
-    assert values["queues"] == "2" and values["queues_after_reset"] == "2", result
+    assert values["sectors"] == str(32 * MiB // 512), str(result)
+    assert values["size64"] == str(32 * MiB), str(result)
+    assert values["logical_block_size"] == "4096", str(result)
+    assert values["ro"] == "0" and values["getro"] == "0", str(result)
+    assert values["queues"] == "2" and values["queues_after_reset"] == "2", str(result)
     offered = features(values)
-    assert {F_BLK_SIZE, F_FLUSH, F_MQ} <= offered and F_RO not in offered, result
+    assert {F_BLK_SIZE, F_FLUSH, F_MQ} <= offered and F_RO not in offered, str(result)
     if F_CONFIG_WCE in offered:
         # The fsync and sync above became flush requests, and they succeeded.
-        assert values["cache_type"] == "write_back" and int(values["flushes"]) > 0, result
+        assert values["cache_type"] == "write_back" and int(values["flushes"]) > 0, str(result)
     discard = int(values["discard_max_bytes"]) > 0
     if server.name == "qsd":
         # The reference offers discard and write zeroes on a writable export.
-        assert discard and int(values["write_zeroes_max_bytes"]) > 0, result
+        assert discard and int(values["write_zeroes_max_bytes"]) > 0, str(result)
     vda.check_reads(result)
     if discard:
         vda.content[discarded[0]:discarded[0] + discarded[1]] = bytes(discarded[1])
-    assert values["after_discard"] == digest(vda.content[discarded[0]:discarded[0] + discarded[1]]), result
+    assert values["after_discard"] == digest(vda.content[discarded[0]:discarded[0] + discarded[1]]), str(result)
 
     values = vdb.values(result)
-    assert values["sectors"] == str(len(raw_content) // 512), result
-    assert values["size64"] == str(len(raw_content)), result
-    assert values["logical_block_size"] == "512", result
-    assert values["ro"] == "1" and values["getro"] == "1", result
-    assert values["queues"] == "1", result
-    assert F_RO in features(values), result
+    assert values["sectors"] == str(len(raw_content) // 512), str(result)
+    assert values["size64"] == str(len(raw_content)), str(result)
+    assert values["logical_block_size"] == "512", str(result)
+    assert values["ro"] == "1" and values["getro"] == "1", str(result)
+    assert values["queues"] == "1", str(result)
+    assert F_RO in features(values), str(result)
     for attempt in ("dd_write", "buffered_write", "discard", "zeroes"):
         assert values[attempt] != "0", f"{attempt} succeeded on a read-only disk\n{result}"
     vdb.check_reads(result)
-    # The failed writes above are the only I/O errors the guest may have seen.
-    assert not [line for line in result.kernel_log.splitlines() if "I/O error" in line and "vdb" not in line], \
+
+    values = vdc.values(result)
+    assert values["bad_read"] != "0" and values["bad_write"] != "0", str(result)
+    vdc.check_reads(result)
+    # vdc's are the only I/O errors the guest may have seen.
+    assert not [line for line in result.kernel_log.splitlines() if "I/O error" in line and "vdc" not in line], \
         result.kernel_log
 
     # A second guest on the qcow2 export once the first has gone: the export takes a new
@@ -301,8 +338,8 @@ def test_guest_on_two_exports(server: Server, tmp_path: Path) -> None:
                                  ("tail", 31 * MiB, MiB)):
         vda.read(what, offset, length)
     result = run_guest(sockets[0], again.text(), num_queues=1)
-    assert result.status == 0, result
-    assert vda.values(result)["queues"] == "1", result
+    assert result.status == 0, str(result)
+    assert vda.values(result)["queues"] == "1", str(result)
     vda.check_reads(result)
 
     # On the host, once the server has exited: the qcow2 image is consistent and holds what the
@@ -322,3 +359,4 @@ def test_guest_on_two_exports(server: Server, tmp_path: Path) -> None:
                        and entry["start"] + entry["length"] > discarded[0]
                        for entry in json.loads(mapped.stdout)), mapped.stdout
     assert raw.read_bytes() == raw_content
+    assert faulty.read_bytes()[3 * MiB:3 * MiB + 64 * KiB] == vdc.content[3 * MiB:3 * MiB + 64 * KiB]

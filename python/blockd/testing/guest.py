@@ -41,6 +41,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from .process import tool_env
+
 __all__ = [
     "GuestFailed",
     "GuestImage",
@@ -150,7 +152,7 @@ def _locked(directory: Path) -> Iterator[None]:
 def _run_tool(argv: list[str], what: str, cwd: Path | None = None) -> str:
     if shutil.which(argv[0]) is None:
         raise GuestUnavailable(f"cannot fetch {what}: {argv[0]} is not installed")
-    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600, env=tool_env())
     if result.returncode != 0:
         detail = (result.stderr or result.stdout).strip().splitlines()
         hint = " (are the apt package lists there? apt-get update)" if argv[0].startswith("apt") else ""
@@ -333,7 +335,7 @@ class _Cpio:
 def _host_program_files(program: str) -> dict[str, Path]:
     """`program` and the shared libraries it loads (from ldd), by their path in the guest."""
     files = {"usr/local/sbin/" + os.path.basename(program): Path(program)}
-    out = subprocess.run(["ldd", program], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["ldd", program], capture_output=True, text=True, check=True, env=tool_env()).stdout
     for line in out.splitlines():
         match = re.search(r"(/\S+) \(0x", line)
         if match:
@@ -450,7 +452,7 @@ def run_guest(
             *devices,
         ]
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE)
+                                   stderr=subprocess.PIPE, env=tool_env())
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
