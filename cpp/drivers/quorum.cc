@@ -184,6 +184,54 @@ template <size_t kOthers, bool kCopy>
   return true;
 }
 
+// A comparison alone (nothing copied) of a range in DRAM is bound by how many of its cache lines
+// are on their way at once, not by the instructions: one core reads a single sequential stream at
+// about two thirds of what it reads from several streams side by side, and the hardware prefetcher
+// does not follow a stream across a page boundary. So the range is cut into kParts parts walked
+// side by side (3 * kParts streams for three children), and each stream's line kAhead bytes further
+// on, across the page boundary when it comes, is asked for (a prefetch never faults) before it is
+// needed. On the 2-core benchmark VM this takes a 1 MiB comparison of three children in /dev/shm
+// from about 285 to about 245 µs (the NBD export's server CPU per 1 MiB read from about 500 to
+// 435 µs under load); prefetching without the parts, 8 parts, AVX-512 and page-by-page orders did no
+// better than this, 16 parts worse. Every byte of [0, kParts * part) is compared by the parts, the
+// rest by equal_lanes.
+constexpr size_t kParts = 4;
+constexpr size_t kLine = 64;
+constexpr size_t kAhead = 1024;
+
+template <size_t kOthers>
+[[gnu::always_inline]] inline bool equal_parts(const uint8_t* const* sources, uint64_t start,
+                                               uint64_t length) noexcept {
+  const uint64_t part = length / (kParts * kLine) * kLine;
+  for (uint64_t done = 0; done < part;) {
+    const uint64_t span_end = std::min<uint64_t>(part, done + kSpan);
+    Lanes difference{};
+    for (; done < span_end; done += kLine) {
+      const bool ahead = done + kAhead < part;
+      for (size_t index = 0; index < kParts; ++index) {
+        const uint64_t at = start + index * part + done;
+        if (ahead) {
+          for (size_t source = 0; source <= kOthers; ++source) {
+            __builtin_prefetch(sources[source] + at + kAhead, 0, 3);
+          }
+        }
+        Lanes e0, e1;
+        std::memcpy(&e0, sources[0] + at, sizeof e0);
+        std::memcpy(&e1, sources[0] + at + 32, sizeof e1);
+        for (size_t other = 1; other <= kOthers; ++other) {
+          Lanes s0, s1;
+          std::memcpy(&s0, sources[other] + at, sizeof s0);
+          std::memcpy(&s1, sources[other] + at + 32, sizeof s1);
+          difference |= (e0 ^ s0) | (e1 ^ s1);
+        }
+      }
+    }
+    if ((difference[0] | difference[1] | difference[2] | difference[3]) != 0) return false;
+  }
+  const uint64_t parted = kParts * part;
+  return equal_lanes<kOthers, false>(sources, start + parted, length - parted, nullptr);
+}
+
 // equal_lanes for two and three sources, built for AVX2 and for the baseline (the dynamic loader
 // picks one for the machine). Not under ThreadSanitizer: the loader runs the resolver that picks
 // the clone while it relocates the program, before the TSan runtime is set up, and the resolver's
@@ -201,12 +249,12 @@ template <size_t kOthers, bool kCopy>
 BLOCKD_AVX2_CLONES bool equal_two(const uint8_t* const* sources, uint64_t start, uint64_t length,
                                   uint8_t* copy) noexcept {
   return copy != nullptr ? equal_lanes<1, true>(sources, start, length, copy)
-                         : equal_lanes<1, false>(sources, start, length, nullptr);
+                         : equal_parts<1>(sources, start, length);
 }
 BLOCKD_AVX2_CLONES bool equal_three(const uint8_t* const* sources, uint64_t start, uint64_t length,
                                     uint8_t* copy) noexcept {
   return copy != nullptr ? equal_lanes<2, true>(sources, start, length, copy)
-                         : equal_lanes<2, false>(sources, start, length, nullptr);
+                         : equal_parts<2>(sources, start, length);
 }
 
 // The children's bytes of one request, each in its file's mapping (FileRange::memory).

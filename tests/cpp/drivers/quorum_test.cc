@@ -721,6 +721,63 @@ TEST_P(QuorumMapTest, LargeReadsMapChild0OnceTheChildrenAgree) {
   EXPECT_EQ(map(**other, offset, length, block::MapAccess::kRead).fd, -1);
 }
 
+// The comparison in place walks a large range as several parts side by side, prefetching ahead,
+// and leaves a tail to a plain loop: a single differing byte on any child is found wherever it
+// lies (first and last bytes of each part and of the tail, the lines around each part's end and
+// around the prefetch distance before it, every page boundary of the files), for three children
+// and for two, at ranges that start on a page, mid-page and at odd offsets.
+TEST_P(QuorumMapTest, OneDifferingByteAnywhereGrantsNothing) {
+  if (!in_memory()) GTEST_SKIP() << "only files in memory are compared in place";
+  struct Range {
+    uint64_t offset, length;
+  };
+  const Range ranges[] = {{0, kImageSize}, {1536, kImageSize - 1536 - 4096}, {3001, 41160}};
+  for (const size_t count : {size_t{3}, size_t{2}}) {
+    std::vector<std::shared_ptr<Node>> children;
+    for (size_t i = 0; i < count; ++i) children.push_back(file_node(static_cast<int>(i)));
+    auto node = quorum(threshold(count == 3 ? 2 : 1), std::move(children));
+    ASSERT_TRUE(node.has_value()) << node.status().message();
+    Node& q = **node;
+    for (const Range& range : ranges) {
+      // Where the parts end (see equal_parts in quorum.cc: four parts of whole 64-byte lines).
+      const uint64_t part = range.length / 256 * 64;
+      std::vector<uint64_t> positions;
+      for (uint64_t index = 0; index <= 4; ++index) {
+        const uint64_t end = index * part;
+        for (const int64_t delta : {-1025, -1024, -65, -64, -1, 0, 1, 63, 64}) {
+          positions.push_back(end + static_cast<uint64_t>(delta));
+        }
+      }
+      for (uint64_t at = 0; at < range.length; ++at) {
+        if ((range.offset + at) % 4096 == 0) {
+          positions.push_back(at - 1);
+          positions.push_back(at);
+        }
+      }
+      positions.push_back(range.length - 1);
+      for (int child = 0; child < static_cast<int>(count); ++child) {
+        for (const uint64_t at : positions) {
+          if (at >= range.length) continue;  // wrapped below 0 or past the end
+          SCOPED_TRACE("children " + std::to_string(count) + " offset " +
+                       std::to_string(range.offset) + " length " + std::to_string(range.length) +
+                       " child " + std::to_string(child) + " at " + std::to_string(at));
+          const std::vector<char> good = read_file(child, range.offset + at, 1);
+          write_file(child, range.offset + at, pattern(1, static_cast<char>(good[0] ^ 0x10)));
+          const block::FileRange granted = map(q, range.offset, range.length,
+                                               block::MapAccess::kRead);
+          if (granted.fd >= 0) q.release_file(granted, block::MapAccess::kRead);
+          write_file(child, range.offset + at, good);
+          ASSERT_EQ(granted.fd, -1);
+        }
+      }
+      const block::FileRange granted = map(q, range.offset, range.length, block::MapAccess::kRead);
+      ASSERT_GE(granted.fd, 0);
+      q.release_file(granted, block::MapAccess::kRead);
+    }
+  }
+  EXPECT_TRUE(events_.empty());
+}
+
 // Child 2's file shrinks and grows back over and over while the children are compared for
 // mappings: a comparison that touches a page just gone takes the fault (on the thread that
 // compares: the loop's or a worker) and nothing is granted for it; what is granted is child 0's
