@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from blockd.errors import ExecuteError
-from blockd.testing.guest import GuestResult, guest_or_skip, run_guest
+from blockd.testing.guest import GuestFailed, GuestResult, guest_or_skip, run_guest
 from blockd.testing.process import tool_env
 
 KiB = 1 << 10
@@ -360,3 +360,17 @@ def test_guest_on_three_exports(server: Server, tmp_path: Path) -> None:
                        for entry in json.loads(mapped.stdout)), mapped.stdout
     assert raw.read_bytes() == raw_content
     assert faulty.read_bytes()[3 * MiB:3 * MiB + 64 * KiB] == vdc.content[3 * MiB:3 * MiB + 64 * KiB]
+
+
+def test_front_end_wanting_more_queues_than_offered(server: Server, tmp_path: Path) -> None:
+    """A device with more queues than the export offers is refused by QEMU itself (the export
+    tells its queue count), before the guest boots; the export carries on."""
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(MiB))
+    proc = server.start("--blockdev", f"file,node-name=file0,filename={image}")
+    sock = tmp_path / "vhost.sock"
+    add_export(proc, "file0", sock, writable=True, num_queues=1)
+    with pytest.raises(GuestFailed, match="maximum number of queues supported by the backend is 1"):
+        run_guest(sock, "true", num_queues=2, timeout=60)
+    exports = proc.qmp.command("query-block-exports")
+    assert [(export["id"], export["type"]) for export in exports] == [("file0", "vhost-user-blk")], exports
