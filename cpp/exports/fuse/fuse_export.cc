@@ -18,6 +18,19 @@
 // while they run. So up to max_requests_in_flight requests proceed at once, with no lock and no
 // thread of our own.
 //
+// Threads. The serving loop is the node's: the main loop, or an iothread's once block-export-add
+// iothread=... has moved the node there (the QMP handler moves it before create(), so the export
+// never changes loops while it runs). Everything above happens on that loop alone: the reader,
+// libfuse's decoding and its replies, the handlers, the node I/O and the export's request state.
+// The main loop only creates the export (mount, permissions), lists it (immutable fields) and
+// shuts it down: shut_down() hops to the serving loop to unmount, stop the reader and wait for
+// the handlers, and comes back for the graph work (moving the node back, detaching). The one
+// graph change a request makes, borrowing the resize permission for a truncate, hops to the main
+// loop for the permission update and back. Post() orders each hop after what came before it on
+// the other thread, so no state is shared without that order. The node's host_file() and
+// allocated_size() (passthrough, GETATTR) are called on the serving loop: they only read what the
+// node fixed when it opened (its descriptor), and a node in an iothread gets no other parent.
+//
 // Replies. READ and WRITE replies are written to /dev/fuse through io_uring too, not with a
 // write(2) each: the replies of one loop iteration then reach the kernel in one io_uring_enter,
 // which wakes the clients together instead of handing the CPU to a client after every reply (on
@@ -113,6 +126,7 @@
 extern char** environ;
 
 #include "exports/fuse/policy.h"
+#include "runtime/hop.h"
 #include "runtime/join.h"
 
 namespace blockd::exports::fuse {
@@ -193,7 +207,7 @@ struct FuseExport::Handlers {
   // Starts a coroutine that answers a request; the export waits for it before going away.
   static void start(FuseExport& e, Task<void> task) {
     ++e.handlers_;
-    e.loop_.spawn([](FuseExport& owner, Task<void> inner) -> Task<void> {
+    e.loop_->spawn([](FuseExport& owner, Task<void> inner) -> Task<void> {
       co_await std::move(inner);
       --owner.handlers_;
       owner.progress_.notify_all();
@@ -311,7 +325,7 @@ struct FuseExport::Handlers {
     fuse_reply_none(req);
     // Errors need no answer: ENOENT means the request was interrupted meanwhile, ENODEV that the
     // connection has gone.
-    (void)co_await e.loop_.writev(e.fd_, parts, 3, 0);
+    (void)co_await e.loop_->writev(e.fd_, parts, 3, 0);
   }
 
   static void read(fuse_req_t req, fuse_ino_t, size_t size, off_t offset, fuse_file_info*) {
@@ -481,9 +495,11 @@ struct FuseExport::Handlers {
 
 // ---- FuseExport.
 
-FuseExport::FuseExport(Loop& loop, const FuseExportOptions& options, std::string node_name)
+FuseExport::FuseExport(Loop& main, Loop& serving, const FuseExportOptions& options,
+                       std::string node_name)
     : Export(options.id, std::move(node_name)),
-      loop_(loop),
+      main_(main),
+      loop_(&serving),
       mountpoint_(options.mountpoint),
       writable_(options.writable),
       growable_(options.growable),
@@ -504,7 +520,7 @@ FuseExport::~FuseExport() {
   }
 }
 
-Expected<std::shared_ptr<FuseExport>> FuseExport::create(Loop& loop,
+Expected<std::shared_ptr<FuseExport>> FuseExport::create(Loop& main,
                                                          const FuseExportOptions& options,
                                                          std::shared_ptr<block::Node> node) {
   if (options.writable && node->read_only()) {
@@ -517,7 +533,8 @@ Expected<std::shared_ptr<FuseExport>> FuseExport::create(Loop& loop,
   if (!S_ISREG(st.st_mode)) {
     return Status::generic("'" + options.mountpoint + "' is not a regular file");
   }
-  std::shared_ptr<FuseExport> created(new FuseExport(loop, options, node->node_name()));
+  std::shared_ptr<FuseExport> created(
+      new FuseExport(main, node->loop(), options, node->node_name()));
   // As qemu-storage-daemon: consistent reads, writes when writable, resize when growable, and
   // everything shared.
   const uint32_t permissions = block::kPermConsistentRead |
@@ -533,8 +550,15 @@ Expected<std::shared_ptr<FuseExport>> FuseExport::create(Loop& loop,
     created->backend_->detach();
     return mounted;
   }
+  // The reader starts on the serving loop; shut_down() hops there after it (post keeps the order),
+  // so the export is still alive when it runs.
   created->reading_ = true;
-  loop.spawn(created->reader());
+  FuseExport* self = created.get();
+  if (self->loop_ == &main) {
+    main.spawn(self->reader());
+  } else {
+    self->loop_->post([self] { self->loop_->spawn(self->reader()); });
+  }
   return created;
 }
 
@@ -662,7 +686,7 @@ Task<void> FuseExport::reader() {
       // A large write's node write goes to the kernel now (see "Large writes" above).
       if (current_taken_ && static_cast<size_t>(got) >= kWriteHeader + kSubmitAtOnce &&
           reinterpret_cast<const fuse_in_header*>(slot->request())->opcode == FUSE_WRITE) {
-        loop_.submit_now();
+        loop_->submit_now();
       }
       if (!current_taken_) free_.push_back(slot);
       current_ = nullptr;
@@ -672,7 +696,7 @@ Task<void> FuseExport::reader() {
     if (!connected || stopping_) break;
     // ...then wait until there are more (at once when the batch stopped at its limit: the loop
     // runs its other work in between).
-    auto readable = loop_.poll(fd_, POLLIN);
+    auto readable = loop_->poll(fd_, POLLIN);
     pending_poll_ = &readable;
     (void)co_await readable;
     pending_poll_ = nullptr;
@@ -773,7 +797,7 @@ Task<int64_t> FuseExport::read_node(uint64_t offset, uint64_t length, uint8_t* b
   while (done < length) {
     const uint64_t position = offset + done;
     const uint64_t piece = std::min(kPieceBytes - position % kPieceBytes, length - done);
-    join.start(loop_, [](block::BlockBackend& backend, uint64_t at, uint64_t bytes, uint8_t* data,
+    join.start(*loop_, [](block::BlockBackend& backend, uint64_t at, uint64_t bytes, uint8_t* data,
                          int64_t& first_error) -> Task<void> {
       const int64_t ret = co_await backend.read(at, bytes, data, 0);
       if (ret < 0 && first_error == 0) first_error = ret;
@@ -794,16 +818,23 @@ Task<int64_t> FuseExport::resize(uint64_t size, bool only_grow) noexcept {
   int64_t ret = 0;
   // Like qemu-storage-daemon, a writable export resizes on request (truncate, fallocate) even when
   // not growable, taking the resize permission just for that.
+  // Permissions are graph state, which changes on the main loop only.
   const uint32_t held = backend_->permissions();
   const bool borrow = !(held & block::kPermResize);
-  if (borrow && !node->update_permissions(*backend_, held | block::kPermResize,
-                                          backend_->shared_permissions())
-                     .is_ok()) {
-    ret = -EPERM;
+  if (borrow) {
+    co_await HopTo{main_};
+    if (!node->update_permissions(*backend_, held | block::kPermResize,
+                                  backend_->shared_permissions())
+             .is_ok()) {
+      ret = -EPERM;
+    }
+    co_await HopTo{*loop_};
   }
   if (ret == 0) ret = co_await backend_->truncate(size);
   if (borrow && ret != -EPERM) {
+    co_await HopTo{main_};
     (void)node->update_permissions(*backend_, held, backend_->shared_permissions());
+    co_await HopTo{*loop_};
   }
   resizing_ = false;
   resize_done_.notify_all();
@@ -841,6 +872,8 @@ Task<int64_t> FuseExport::allocate(uint64_t offset, uint64_t length) noexcept {
 Task<void> FuseExport::shut_down() {
   set_shutting_down();
   stop_watchdog();
+  // Everything up to the drain runs where the requests are served.
+  co_await HopTo{*loop_};
   // Files already open in passthrough mode keep their own reference to the image.
   close_backing();
   if (mounted_) {
@@ -850,7 +883,7 @@ Task<void> FuseExport::shut_down() {
     Event done;
     std::thread helper([this, &unmounted, &done] {
       fuse_session_unmount(session_);
-      loop_.post([&unmounted, &done] {
+      loop_->post([&unmounted, &done] {
         unmounted = true;
         done.notify_all();
       });
@@ -862,10 +895,16 @@ Task<void> FuseExport::shut_down() {
   // Processes that still hold the file open keep the connection alive after the unmount; they
   // lose it when /dev/fuse is closed below.
   stopping_ = true;
-  if (pending_poll_ != nullptr) loop_.cancel(pending_poll_);
+  if (pending_poll_ != nullptr) loop_->cancel(pending_poll_);
   progress_.notify_all();
   while (reading_ || handlers_ > 0) co_await progress_.wait();
   co_await backend_->drain();
+  // Nothing runs on the serving loop for this export any more: the rest is graph work.
+  co_await HopTo{main_};
+  // A node the export served in an iothread comes back to the main loop, unless something else
+  // still uses it there.
+  block::Node* node = backend_->root();
+  if (node != nullptr && &node->loop() != &main_) (void)node->move_to_loop(main_, backend_.get());
   backend_->detach();
   fuse_session_destroy(session_);
   session_ = nullptr;

@@ -7,8 +7,12 @@
 // answers each one from its own coroutine, so many requests are in flight at once and none waits
 // for another. See fuse_export.cc for the details.
 //
-// Threads: a FuseExport lives on one loop (the node's, today the main loop); create it and call
-// every method there.
+// Threads: the export is created, listed and shut down on the main loop, but serves on the loop
+// of its node as create() finds it: the main loop, or an iothread's when the node has been moved
+// there (block-export-add iothread=...). There the reader takes the requests from /dev/fuse,
+// libfuse decodes them, the handlers do the node I/O and send the replies; nothing of that runs
+// on the main loop, and the main loop touches none of its state while it runs (shut_down() hops to
+// the serving loop to stop it, and back). See "Threads" in fuse_export.cc.
 #pragma once
 
 #include <sys/stat.h>
@@ -57,8 +61,10 @@ class FuseExport final : public Export {
   // qemu-storage-daemon's words:
   //   "Failed to stat '<mountpoint>': <strerror>", "'<mountpoint>' is not a regular file",
   //   "Cannot export read-only node as writable", "Failed to mount FUSE session to export",
-  // and permission conflicts on the node. Main loop.
-  static Expected<std::shared_ptr<FuseExport>> create(Loop& loop, const FuseExportOptions& options,
+  // and permission conflicts on the node. `main` is the main loop, on which this is called; the
+  // export serves on `node`'s loop (which must not change while the export exists, unless the
+  // export moves it back in shut_down()).
+  static Expected<std::shared_ptr<FuseExport>> create(Loop& main, const FuseExportOptions& options,
                                                      std::shared_ptr<block::Node> node);
   ~FuseExport() override;
 
@@ -67,7 +73,8 @@ class FuseExport final : public Export {
   // the file open get ENOTCONN), as in qemu-storage-daemon.
   size_t client_count() const noexcept override { return 0; }
   // Unmounts, stops reading requests, waits for the ones in flight, closes /dev/fuse and releases
-  // the node.
+  // the node; a node served in an iothread goes back to the main loop unless something else
+  // still uses it. Main loop; it runs the stopping on the serving loop meanwhile.
   Task<void> shut_down() override;
 
   const std::string& mountpoint() const noexcept { return mountpoint_; }
@@ -78,7 +85,7 @@ class FuseExport final : public Export {
   struct Handlers;
 
  private:
-  FuseExport(Loop& loop, const FuseExportOptions& options, std::string node_name);
+  FuseExport(Loop& main, Loop& serving, const FuseExportOptions& options, std::string node_name);
   Status mount(bool allow_other);
   // A helper process (sh, then fusermount3 -u -z) that unmounts the file should this process die
   // without unmounting it (SIGKILL, a crash). Nothing when fusermount3 is not installed.
@@ -105,12 +112,13 @@ class FuseExport final : public Export {
   // Returns 0 or the first piece's error (negative errno).
   Task<int64_t> read_node(uint64_t offset, uint64_t length, uint8_t* buffer) noexcept;
   // Resizes the node to `size`, one resize at a time; takes the resize permission for the
-  // duration when the export does not hold it.
+  // duration when the export does not hold it (on the main loop, where permissions change).
   Task<int64_t> resize(uint64_t size, bool only_grow) noexcept;
   // fallocate mode 0 inside the node: fills the holes of the range with allocated zeroes.
   Task<int64_t> allocate(uint64_t offset, uint64_t length) noexcept;
 
-  Loop& loop_;
+  Loop& main_;
+  Loop* loop_;  // the serving loop
   std::string mountpoint_;
   bool writable_;
   bool growable_;
