@@ -141,28 +141,20 @@ struct NbdExportRequest {
   exports::nbd::NbdExportOptions options;
 };
 
-// The loop of the iothread object named `iothread`.
-Expected<Loop*> find_iothread(qmp::Context& context, const std::string& iothread) {
-  auto it = context.objects().find(iothread);
+// The loop of the iothread object named `iothread`; null when no iothread is named.
+Expected<Loop*> find_iothread(qmp::Context& context, const std::optional<std::string>& iothread) {
+  if (!iothread) return static_cast<Loop*>(nullptr);
+  auto it = context.objects().find(*iothread);
   auto* object = it == context.objects().end() ? nullptr : dynamic_cast<qmp::IoThread*>(it->second.get());
-  if (object == nullptr) return Status::generic("iothread \"" + iothread + "\" not found");
+  if (object == nullptr) return Status::generic("iothread \"" + *iothread + "\" not found");
   return &object->thread().loop();
-}
-
-Status check_iothread(qmp::Context& context, const std::optional<std::string>& iothread) {
-  if (!iothread) return Status::ok();
-  BLOCKD_RETURN_IF_ERROR(find_iothread(context, *iothread).status());
-  return Status::generic("Exports in an iothread are not supported by blockd yet");
 }
 
 Status add_nbd_export(qmp::Context& context, const NbdExportRequest& request,
                       const std::shared_ptr<block::Node>& node) {
-  Loop* iothread = nullptr;
-  if (request.iothread) {
-    auto found = find_iothread(context, *request.iothread);
-    if (!found) return found.status();
-    iothread = *found;
-  }
+  auto found = find_iothread(context, request.iothread);
+  if (!found) return found.status();
+  Loop* iothread = *found;
   if (!context.nbd_server()) return Status::generic("NBD server not running");
   if (request.allocation_depth) {
     // QEMU would offer the qemu:allocation-depth metadata context; blockd does not have it yet.
@@ -187,9 +179,9 @@ Status add_nbd_export(qmp::Context& context, const NbdExportRequest& request,
   return Status::ok();
 }
 
-Status add_fuse_export(qmp::Context& context, const BlockExportOptions& options,
-                       const std::shared_ptr<block::Node>& node) {
-  BLOCKD_RETURN_IF_ERROR(check_iothread(context, options.iothread));
+// The FUSE checks and the export itself, served on the node's loop.
+Status create_fuse_export(qmp::Context& context, const BlockExportOptions& options,
+                          const std::shared_ptr<block::Node>& node) {
   const BlockExportOptionsFuse& fuse = *options.u.fuse;
   exports::fuse::FuseExportOptions request;
   request.id = options.id;
@@ -221,6 +213,24 @@ Status add_fuse_export(qmp::Context& context, const BlockExportOptions& options,
   if (!created) return created.status();
   context.exports().insert(context.exports().begin(), std::move(created).value());
   return Status::ok();
+}
+
+Status add_fuse_export(qmp::Context& context, const BlockExportOptions& options,
+                       const std::shared_ptr<block::Node>& node) {
+  auto found = find_iothread(context, options.iothread);
+  if (!found) return found.status();
+  Loop* iothread = *found;
+  // As in QEMU, the node moves before the FUSE checks, and back should they fail. It moves only
+  // when nothing else uses it (QEMU would take along the users that allow it); otherwise the
+  // export is served where the node is, or fails with fixed-iothread, in QEMU's words.
+  Loop& before = node->loop();
+  if (iothread != nullptr && &before != iothread &&
+      !node->move_to_loop(*iothread, nullptr).is_ok() && options.fixed_iothread.value_or(false)) {
+    return Status::generic("Cannot change iothread of active block backend");
+  }
+  Status created = create_fuse_export(context, options, node);
+  if (!created.is_ok() && &node->loop() != &before) (void)node->move_to_loop(before, nullptr);
+  return created;
 }
 
 }  // namespace
