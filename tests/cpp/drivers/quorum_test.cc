@@ -721,11 +721,12 @@ TEST_P(QuorumMapTest, LargeReadsMapChild0OnceTheChildrenAgree) {
   EXPECT_EQ(map(**other, offset, length, block::MapAccess::kRead).fd, -1);
 }
 
-// The comparison in place walks a large range as several parts side by side, prefetching ahead,
-// and leaves a tail to a plain loop: a single differing byte on any child is found wherever it
-// lies (first and last bytes of each part and of the tail, the lines around each part's end and
-// around the prefetch distance before it, every page boundary of the files), for three children
-// and for two, at ranges that start on a page, mid-page and at odd offsets.
+// The comparison in place walks a large range as several parts side by side, each from a point
+// inside it and around, prefetching ahead, and leaves a tail to a plain loop: a single differing
+// byte on any child is found wherever it lies (first and last bytes of each part and of the tail,
+// the lines around each part's end, around the prefetch distance before it and around where its
+// walk begins, every page boundary of the files), for three children and for two, at ranges that
+// start on a page, mid-page and at odd offsets.
 TEST_P(QuorumMapTest, OneDifferingByteAnywhereGrantsNothing) {
   if (!in_memory()) GTEST_SKIP() << "only files in memory are compared in place";
   struct Range {
@@ -739,13 +740,17 @@ TEST_P(QuorumMapTest, OneDifferingByteAnywhereGrantsNothing) {
     ASSERT_TRUE(node.has_value()) << node.status().message();
     Node& q = **node;
     for (const Range& range : ranges) {
-      // Where the parts end (see equal_parts in quorum.cc: four parts of whole 64-byte lines).
+      // Where the parts end and where their walks begin and wrap (see equal_parts in quorum.cc:
+      // four parts of whole 64-byte lines, part i's walk starting i KiB in).
       const uint64_t part = range.length / 256 * 64;
       std::vector<uint64_t> positions;
       for (uint64_t index = 0; index <= 4; ++index) {
         const uint64_t end = index * part;
         for (const int64_t delta : {-1025, -1024, -65, -64, -1, 0, 1, 63, 64}) {
           positions.push_back(end + static_cast<uint64_t>(delta));
+        }
+        for (const int64_t delta : {-1, 0, 1, 63, 64}) {
+          positions.push_back(end + index * 1024 + static_cast<uint64_t>(delta));
         }
       }
       for (uint64_t at = 0; at < range.length; ++at) {
