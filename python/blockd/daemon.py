@@ -79,6 +79,10 @@ blockd, a block storage engine with qemu-storage-daemon's command line
   --export [type=]fuse,id=<id>,node-name=<node-name>,mountpoint=<file>
            [,growable=on|off][,writable=on|off][,allow-other=on|off|auto]
                          export a block node as a regular file (FUSE)
+  --export [type=]vhost-user-blk,id=<id>,node-name=<node-name>,addr.type=unix,
+           addr.path=<socket-path>[,writable=on|off][,logical-block-size=<block-size>]
+           [,num-queues=<num-queues>]
+                         export a block node to a VM's vhost-user-blk device
 
   --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
                          serve QMP on a character device

@@ -12,6 +12,7 @@
 
 #include "exports/fuse/fuse_export.h"
 #include "exports/nbd/server.h"
+#include "exports/vhost_user/vhost_user_blk_export.h"
 #include "qapi/commands.h"
 #include "qapi/events.h"
 #include "qmp/context.h"
@@ -233,6 +234,51 @@ Status add_fuse_export(qmp::Context& context, const BlockExportOptions& options,
   return created;
 }
 
+// vhost-user-blk exports, checked as qemu-storage-daemon 7.2 checks them: iothread, read-only
+// node, logical-block-size, num-queues, then the socket address.
+Status add_vhost_user_blk_export(qmp::Context& context, const BlockExportOptions& options,
+                                 const std::shared_ptr<block::Node>& node) {
+  auto iothread = find_iothread(context, options.iothread);
+  if (!iothread) return iothread.status();
+  // The export runs on the main loop, so its node must be there too.
+  if (*iothread != nullptr || &node->loop() != &context.main_loop()) {
+    return Status::generic("vhost-user-blk exports in an iothread are not supported by blockd yet");
+  }
+  const BlockExportOptionsVhostUserBlk& vhost = *options.u.vhost_user_blk;
+  exports::vhost_user::VhostUserBlkExportOptions request;
+  request.id = options.id;
+  request.writable = options.writable.value_or(false);
+  request.writethrough = options.writethrough.value_or(false);
+  if (request.writable && node->read_only()) {
+    return Status::generic("Cannot export read-only node as writable");
+  }
+  // 0 means "not set", as in QEMU's block size properties.
+  const uint64_t block_size = vhost.logical_block_size.value_or(512);
+  constexpr uint64_t kMinBlockSize = 512;
+  constexpr uint64_t kMaxBlockSize = 2u << 20;
+  if (block_size != 0 && (block_size < kMinBlockSize || block_size > kMaxBlockSize)) {
+    return Status::generic("Property " + options.id + ".logical-block-size doesn't take value " +
+                           std::to_string(block_size) + " (minimum: 512, maximum: 2097152)");
+  }
+  if ((block_size & (block_size - 1)) != 0) {
+    return Status::generic("Property " + options.id + ".logical-block-size doesn't take value '" +
+                           std::to_string(block_size) + "', it's not a power of 2");
+  }
+  request.logical_block_size = block_size == 0 ? 512 : static_cast<uint32_t>(block_size);
+  request.num_queues = vhost.num_queues.value_or(1);
+  if (request.num_queues == 0) return Status::generic("num-queues must be greater than 0");
+  if (vhost.addr.type != SocketAddressType::kUnix && vhost.addr.type != SocketAddressType::kFd) {
+    return Status::generic("Only socket address types 'unix' and 'fd' are supported");
+  }
+  auto listen = to_stream_address(vhost.addr);
+  if (!listen) return listen.status();
+  request.address = *listen;
+  auto created = exports::vhost_user::VhostUserBlkExport::create(context.main_loop(), request, node);
+  if (!created) return created.status();
+  context.exports().insert(context.exports().begin(), std::move(created).value());
+  return Status::ok();
+}
+
 }  // namespace
 
 // For the daemon's --nbd-server option (Engine::cli_option).
@@ -271,6 +317,9 @@ Status qmp_block_export_add(qmp::Context& context, const BlockExportOptions& opt
     return Status::generic("Cannot find device='' nor node-name='" + options.node_name + "'");
   }
   if (options.type == BlockExportType::kFuse) return add_fuse_export(context, options, node);
+  if (options.type == BlockExportType::kVhostUserBlk) {
+    return add_vhost_user_blk_export(context, options, node);
+  }
   if (options.type != BlockExportType::kNbd) {
     return Status::generic("Export type '" + std::string(to_string(options.type)) +
                            "' is not supported by blockd yet");
