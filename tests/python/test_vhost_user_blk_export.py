@@ -7,12 +7,16 @@ real QEMU guest is in test_vhost_user_blk.py; the protocol in detail in the C++ 
 
 from __future__ import annotations
 
+import hashlib
+import os
 import socket
 import struct
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+
+from blockd.testing.guest import guest_or_skip, run_guest
 
 Daemon = Callable[..., Any]
 MiB = 1 << 20
@@ -116,6 +120,10 @@ def _session(proc: Any, tmp_path: Path, name: str) -> dict[str, Any]:
                                           "addr": {"type": "unix", "path": f"{tmp}/exp2.sock"},
                                           "writable": True})
     found["views"].append(frontend_view(directory / "exp2.sock"))
+    proc.qmp.command("block-export-add", {"type": "vhost-user-blk", "id": "exp3", "node-name": "n3",
+                                          "addr": {"type": "unix", "path": f"{tmp}/exp3.sock"},
+                                          "iothread": "io0", "num-queues": 2})
+    found["views"].append(frontend_view(directory / "exp3.sock"))
     found["query"] = proc.qmp.command("query-block-exports")
     # A connected front-end does not keep block-export-del from removing the export.
     with socket.socket(socket.AF_UNIX) as held:
@@ -137,6 +145,7 @@ def _session(proc: Any, tmp_path: Path, name: str) -> dict[str, Any]:
 def test_errors_and_frontend_view_match_qsd(tmp_path: Path, daemon: Daemon, qsd: Daemon) -> None:
     args = ("--blockdev", "null-co,node-name=n0,size=67108864",
             "--blockdev", "null-co,node-name=ro,size=3145728,read-only=on",
+            "--blockdev", "null-co,node-name=n3,size=1048576",
             "--object", "iothread,id=io0")
     found = {name: _session(factory(*args), tmp_path, name)
              for name, factory in (("blockd", daemon), ("qsd", qsd))}
@@ -155,7 +164,7 @@ def test_errors_and_frontend_view_match_qsd(tmp_path: Path, daemon: Daemon, qsd:
 
 def test_export_on_the_command_line(tmp_path: Path, daemon: Daemon) -> None:
     path = tmp_path / "vhost.sock"
-    proc = daemon("--blockdev", "null-co,node-name=n0,size=8388608", "--object", "iothread,id=io0",
+    proc = daemon("--blockdev", "null-co,node-name=n0,size=8388608",
                   "--export", f"type=vhost-user-blk,id=exp0,node-name=n0,addr.type=unix,"
                               f"addr.path={path},writable=on,logical-block-size=4096")
     assert proc.qmp.command("query-block-exports") == [
@@ -172,8 +181,37 @@ def test_export_on_the_command_line(tmp_path: Path, daemon: Daemon) -> None:
                                           "logical-block-size": 0})
     block_size, = struct.unpack_from("<I", bytes.fromhex(frontend_view(tmp_path / "v1.sock")["config"]), 20)
     assert block_size == 512
-    # Not yet: exports served from an iothread (qemu-storage-daemon has them).
-    reply = proc.qmp.cmd("block-export-add", {"type": "vhost-user-blk", "id": "exp2", "node-name": "n0",
-                                              "addr": {"type": "unix", "path": str(tmp_path / "v2.sock")},
-                                              "iothread": "io0"})
-    assert reply["error"]["desc"] == "vhost-user-blk exports in an iothread are not supported by blockd yet"
+
+
+
+def test_guest_on_an_export_in_an_iothread(tmp_path: Path, daemon: Daemon) -> None:
+    """A guest writes and reads through an export whose node is served by an iothread; the data
+    is on the image afterwards, and the node can be exported again once the export is gone."""
+    guest_or_skip()
+    image = tmp_path / "disk.raw"
+    original = os.urandom(4 * MiB)
+    image.write_bytes(original)
+    proc = daemon("--object", "iothread,id=io0",
+                  "--blockdev", f"file,node-name=file0,filename={image}")
+    sock = tmp_path / "vhost.sock"
+    proc.qmp.command("block-export-add", {"type": "vhost-user-blk", "id": "exp0", "node-name": "file0",
+                                          "addr": {"type": "unix", "path": str(sock)}, "writable": True,
+                                          "iothread": "io0", "fixed-iothread": True, "num-queues": 2})
+    data = os.urandom(256 * 1024)
+    script = "\n".join([
+        "dd if=/data/w of=/dev/vda bs=65536 seek=16 oflag=direct conv=notrunc 2>/dev/null || exit 1",
+        "echo written=$(dd if=/dev/vda bs=65536 skip=16 count=4 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)",
+        "echo head=$(dd if=/dev/vda bs=65536 count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)",
+        "",
+    ])
+    result = run_guest(sock, script, num_queues=2, files={"/data/w": data})
+    assert result.status == 0, result
+    values = result.values()
+    assert values["written"] == hashlib.sha256(data).hexdigest(), result
+    assert values["head"] == hashlib.sha256(original[:MiB]).hexdigest(), result
+    proc.qmp.command("block-export-del", id="exp0")
+    proc.qmp.event_wait("BLOCK_EXPORT_DELETED", timeout=10)
+    proc.qmp.command("block-export-add", {"type": "vhost-user-blk", "id": "exp1", "node-name": "file0",
+                                          "addr": {"type": "unix", "path": str(sock)}})
+    assert proc.stop() == 0, proc.stderr
+    assert image.read_bytes() == original[:MiB] + data + original[MiB + len(data):]

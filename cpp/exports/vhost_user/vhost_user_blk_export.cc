@@ -31,6 +31,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "runtime/hop.h"
 #include "runtime/unix_listen.h"
 
 namespace blockd::exports::vhost_user {
@@ -172,10 +173,12 @@ Task<bool> send_u64(Loop& loop, Connection& connection, uint64_t value) {
 
 }  // namespace
 
-VhostUserBlkExport::VhostUserBlkExport(Loop& loop, const VhostUserBlkExportOptions& options,
+VhostUserBlkExport::VhostUserBlkExport(Loop& main, Loop& serving,
+                                       const VhostUserBlkExportOptions& options,
                                        std::string node_name)
     : Export(options.id, std::move(node_name)),
-      loop_(loop),
+      main_(main),
+      loop_(serving),
       address_(options.address),
       backend_(std::make_unique<block::BlockBackend>("block export '" + options.id + "'")) {
   device_.logical_block_size = options.logical_block_size;
@@ -192,12 +195,12 @@ VhostUserBlkExport::~VhostUserBlkExport() {
 }
 
 Expected<std::shared_ptr<VhostUserBlkExport>> VhostUserBlkExport::create(
-    Loop& loop, const VhostUserBlkExportOptions& options, std::shared_ptr<block::Node> node) {
+    Loop& main, const VhostUserBlkExportOptions& options, std::shared_ptr<block::Node> node) {
   if (options.writable && node->read_only()) {
     return Status::generic("Cannot export read-only node as writable");
   }
   std::shared_ptr<VhostUserBlkExport> created(
-      new VhostUserBlkExport(loop, options, node->node_name()));
+      new VhostUserBlkExport(main, node->loop(), options, node->node_name()));
   // As qemu-storage-daemon: resize is the one thing others may not do while the export runs.
   const uint32_t permissions =
       block::kPermConsistentRead | (options.writable ? block::kPermWrite : 0u);
@@ -213,7 +216,14 @@ Expected<std::shared_ptr<VhostUserBlkExport>> VhostUserBlkExport::create(
   }
   created->listen_fd_ = *listening;
   created->accepting_ = true;
-  loop.spawn(created->accept_loop());
+  // The accept loop starts on the serving loop; shut_down() hops there after it (post keeps the
+  // order), so the export is still alive when it runs.
+  VhostUserBlkExport* self = created.get();
+  if (&self->loop_ == &main) {
+    main.spawn(self->accept_loop());
+  } else {
+    self->loop_.post([self] { self->loop_.spawn(self->accept_loop()); });
+  }
   return created;
 }
 
@@ -550,6 +560,8 @@ Task<bool> VhostUserBlkExport::handle(Connection& connection) {
 
 Task<void> VhostUserBlkExport::shut_down() {
   set_shutting_down();
+  // The front-end is served, and dropped, on the serving loop.
+  co_await HopTo{loop_};
   stopping_ = true;
   if (pending_accept_ != nullptr) loop_.cancel(pending_accept_);
   if (connection_ != nullptr) {
@@ -557,10 +569,14 @@ Task<void> VhostUserBlkExport::shut_down() {
     if (connection_->pending_poll != nullptr) loop_.cancel(connection_->pending_poll);
   }
   while (accepting_ || connected_) co_await progress_.wait();
+  co_await backend_->drain();
+  // The rest is graph work, on the main loop.
+  co_await HopTo{main_};
   ::close(listen_fd_);
   listen_fd_ = -1;
   if (!address_.abstract) ::unlink(address_.path.c_str());
-  co_await backend_->drain();
+  block::Node* node = backend_->root();
+  if (node != nullptr && &node->loop() != &main_) (void)node->move_to_loop(main_, backend_.get());
   backend_->detach();
 }
 

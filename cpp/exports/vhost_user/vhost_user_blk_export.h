@@ -12,8 +12,10 @@
 // listen backlog; when it goes away its requests are drained, its mappings and descriptors
 // dropped, and the next is accepted.
 //
-// Threads: the export lives on the node's loop (the main loop); create it and call every method
-// there.
+// Threads: the export serves on its node's loop (the main loop, or an iothread's when the node
+// was moved there before create()). The main loop creates it (permissions, listening socket),
+// lists it and shuts it down; shut_down() hops to the serving loop for the front-end and back
+// for the graph work.
 #pragma once
 
 #include <cstdint>
@@ -45,26 +47,29 @@ struct VhostUserBlkExportOptions {
 class VhostUserBlkExport final : public Export {
  public:
   // Takes the node's permissions (consistent read, and write when writable; everything shared
-  // but resize) and starts listening. Errors (GenericError): "Cannot export read-only node as
-  // writable", permission conflicts, and listen_unix's ("Failed to bind socket to <path>: ...").
+  // but resize) and starts listening; front-ends are served on the node's loop. Errors
+  // (GenericError): "Cannot export read-only node as writable", permission conflicts, and
+  // listen_unix's ("Failed to bind socket to <path>: ..."). Main loop (`main`).
   static Expected<std::shared_ptr<VhostUserBlkExport>> create(
-      Loop& loop, const VhostUserBlkExportOptions& options, std::shared_ptr<block::Node> node);
+      Loop& main, const VhostUserBlkExportOptions& options, std::shared_ptr<block::Node> node);
   ~VhostUserBlkExport() override;
 
   std::string_view type_name() const noexcept override { return "vhost-user-blk"; }
   // 0: as in qemu-storage-daemon, a connected front-end does not keep block-export-del
   // (mode=safe) from removing the export; it is disconnected.
   size_t client_count() const noexcept override { return 0; }
-  // Whether a front-end is connected.
+  // Whether a front-end is connected. Serving loop.
   bool connected() const noexcept { return connected_; }
-  // Stops listening, drops the front-end (after its requests have finished), releases the node.
+  // Stops listening, drops the front-end (after its requests have finished), releases the node
+  // (moving it back to the main loop when it was served in an iothread and nothing else uses it).
   Task<void> shut_down() override;
 
   struct Connection;
   struct Queue;
 
  private:
-  VhostUserBlkExport(Loop& loop, const VhostUserBlkExportOptions& options, std::string node_name);
+  VhostUserBlkExport(Loop& main, Loop& serving, const VhostUserBlkExportOptions& options,
+                     std::string node_name);
   Task<void> accept_loop();
   Task<void> serve(int fd);
   // Handles one message; false drops the connection (after logging why).
@@ -76,7 +81,8 @@ class VhostUserBlkExport final : public Export {
   Task<void> stop_queue(Queue& queue);
   void log(const std::string& message) const;
 
-  Loop& loop_;
+  Loop& main_;
+  Loop& loop_;  // the serving loop
   StreamAddress address_;
   BlkDeviceOptions device_;
   bool writethrough_ = false;  // the export's writethrough option

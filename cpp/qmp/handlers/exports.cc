@@ -216,34 +216,35 @@ Status create_fuse_export(qmp::Context& context, const BlockExportOptions& optio
   return Status::ok();
 }
 
-Status add_fuse_export(qmp::Context& context, const BlockExportOptions& options,
-                       const std::shared_ptr<block::Node>& node) {
+using CreateExport = Status (*)(qmp::Context& context, const BlockExportOptions& options,
+                                const std::shared_ptr<block::Node>& node);
+
+// Adds an export that is served on its node's loop (FUSE, vhost-user-blk) with `create`, after
+// moving the node to the iothread named in the options.
+Status add_on_node_loop(qmp::Context& context, const BlockExportOptions& options,
+                        const std::shared_ptr<block::Node>& node, CreateExport create) {
   auto found = find_iothread(context, options.iothread);
   if (!found) return found.status();
   Loop* iothread = *found;
-  // As in QEMU, the node moves before the FUSE checks, and back should they fail. It moves only
-  // when nothing else uses it (QEMU would take along the users that allow it); otherwise the
-  // export is served where the node is, or fails with fixed-iothread, in QEMU's words.
+  // As in QEMU, the node moves before the export's own checks, and back should they fail. It
+  // moves only when nothing else uses it (QEMU would take along the users that allow it);
+  // otherwise the export is served where the node is, or fails with fixed-iothread, in QEMU's
+  // words.
   Loop& before = node->loop();
   if (iothread != nullptr && &before != iothread &&
       !node->move_to_loop(*iothread, nullptr).is_ok() && options.fixed_iothread.value_or(false)) {
     return Status::generic("Cannot change iothread of active block backend");
   }
-  Status created = create_fuse_export(context, options, node);
+  Status created = create(context, options, node);
   if (!created.is_ok() && &node->loop() != &before) (void)node->move_to_loop(before, nullptr);
   return created;
 }
 
-// vhost-user-blk exports, checked as qemu-storage-daemon 7.2 checks them: iothread, read-only
-// node, logical-block-size, num-queues, then the socket address.
-Status add_vhost_user_blk_export(qmp::Context& context, const BlockExportOptions& options,
-                                 const std::shared_ptr<block::Node>& node) {
-  auto iothread = find_iothread(context, options.iothread);
-  if (!iothread) return iothread.status();
-  // The export runs on the main loop, so its node must be there too.
-  if (*iothread != nullptr || &node->loop() != &context.main_loop()) {
-    return Status::generic("vhost-user-blk exports in an iothread are not supported by blockd yet");
-  }
+// The vhost-user-blk checks, as qemu-storage-daemon 7.2 makes them after the iothread: read-only
+// node, logical-block-size, num-queues, then the socket address; and the export itself, served
+// on the node's loop.
+Status create_vhost_user_blk_export(qmp::Context& context, const BlockExportOptions& options,
+                                    const std::shared_ptr<block::Node>& node) {
   const BlockExportOptionsVhostUserBlk& vhost = *options.u.vhost_user_blk;
   exports::vhost_user::VhostUserBlkExportOptions request;
   request.id = options.id;
@@ -316,9 +317,11 @@ Status qmp_block_export_add(qmp::Context& context, const BlockExportOptions& opt
   if (!node) {
     return Status::generic("Cannot find device='' nor node-name='" + options.node_name + "'");
   }
-  if (options.type == BlockExportType::kFuse) return add_fuse_export(context, options, node);
+  if (options.type == BlockExportType::kFuse) {
+    return add_on_node_loop(context, options, node, create_fuse_export);
+  }
   if (options.type == BlockExportType::kVhostUserBlk) {
-    return add_vhost_user_blk_export(context, options, node);
+    return add_on_node_loop(context, options, node, create_vhost_user_blk_export);
   }
   if (options.type != BlockExportType::kNbd) {
     return Status::generic("Export type '" + std::string(to_string(options.type)) +
