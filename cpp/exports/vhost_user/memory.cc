@@ -2,6 +2,7 @@
 #include "exports/vhost_user/memory.h"
 
 #include <sys/mman.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -45,6 +46,18 @@ Expected<GuestMemory> GuestMemory::map(const std::vector<MemoryRegion>& regions,
     }
     // Map from offset 0 of the file so that an mmap_offset that is not page aligned still works.
     const uint64_t length = wanted.mmap_offset + wanted.size;
+    // A region that claims more than its file holds would map pages past the file's end, and the
+    // first guest buffer there would kill the daemon with SIGBUS.
+    struct stat file;
+    if (fstat(fds[i], &file) != 0) {
+      return Status::generic("cannot inspect memory region " + std::to_string(i) + ": " +
+                             errno_text(-errno));
+    }
+    if (S_ISREG(file.st_mode) && static_cast<uint64_t>(file.st_size) < length) {
+      return Status::generic("memory region " + std::to_string(i) + " ends at byte " +
+                             std::to_string(length) + " of a file of " +
+                             std::to_string(file.st_size) + " bytes");
+    }
     void* mapping = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE,
                          fds[i], 0);
     if (mapping == MAP_FAILED) {

@@ -315,6 +315,16 @@ TEST_F(VhostUserBlkExportTest, AMalformedMessageDropsTheFrontendAndTheNextIsServ
       EXPECT_TRUE(front.closed());
     }
     {
+      // One region of twice the guest memory's file: refused, not mapped past the file's end.
+      Frontend front(socket_);
+      std::vector<uint8_t> table(8 + 32);
+      store32(table.data(), 1);
+      store64(table.data() + 16, 2 * kMemory);
+      store64(table.data() + 24, kUserBase);
+      ASSERT_TRUE(front.send(Request::kSetMemTable, table, memfd_, kVersion | kFlagNeedReply));
+      EXPECT_TRUE(front.closed());
+    }
+    {
       Frontend front(socket_);
       ASSERT_TRUE(front.send(static_cast<Request>(1000), {}));
       EXPECT_TRUE(front.closed());
