@@ -60,6 +60,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1,
                         help="seconds of unmeasured fio before each measured run, on the same "
                              "server process (default 1; 0: none)")
+    bench.add_steal_arguments(parser)
     parser.add_argument("--size", type=int, default=512, help="child size in MiB (default 512)")
     parser.add_argument("--image", default="/dev/shm/blockd-quorum-bench",
                         help="children are IMAGE.c0, .c1, .c2 (default in /dev/shm; removed)")
@@ -97,11 +98,14 @@ def main() -> int:
             for rep in range(1, args.reps + 1):
                 for workload in workloads:
                     for server in servers:
-                        run = bench.run_one(server, workload, rep, args.image, Path(tmp),
-                                            args.runtime, fio, warmup=args.warmup)
+                        run = bench.run_steady(
+                            lambda: bench.run_one(server, workload, rep, args.image, Path(tmp),
+                                                  args.runtime, fio, warmup=args.warmup),
+                            args.max_steal, args.retries)
                         results.setdefault((workload.key, server.key), []).append(run)
                         print(f"rep {rep} {workload.key} {server.key}: "
-                              + (f"{run.iops:.0f} IOPS, {run.cpu_us_per_io:.1f} µs CPU/IO"
+                              + (f"{run.iops:.0f} IOPS, {run.cpu_us_per_io:.1f} µs CPU/IO, "
+                                 f"{run.steal_percent:.0f}% steal, attempt {run.attempts}"
                                  if run.ok else f"FAILED {run.error[:300]}"),
                               flush=True)
     finally:
@@ -109,8 +113,11 @@ def main() -> int:
             path.unlink(missing_ok=True)
     load_end = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print()
+    kept = [r for runs in results.values() for r in runs if r.ok]
+    noisy = sum(r.steal_percent > args.max_steal for r in kept)
     print(f"load average at start {load_start}, at end {load_end}; warm-up {args.warmup} s; "
-          "cells: median IOPS, MiB/s, server CPU µs per I/O")
+          f"{noisy} of {len(kept)} kept runs had more than {args.max_steal:g}% steal after up to "
+          f"{args.retries} repeats; cells: median IOPS, MiB/s, server CPU µs per I/O, steal %")
     print()
     keys = [s.key for s in servers]
     print("| workload | " + " | ".join(s.label for s in servers) + " | blockd / qsd | quorum / single |")
@@ -123,8 +130,10 @@ def main() -> int:
             iops = statistics.median(r.iops for r in runs) if runs else 0.0
             bw = statistics.median(r.bw_bytes for r in runs) if runs else 0.0
             cpu = statistics.median(r.cpu_us_per_io for r in runs) if runs else float("nan")
+            steal = statistics.median(r.steal_percent for r in runs) if runs else float("nan")
             medians[server.key] = iops
-            cells.append(f"{iops:,.0f} IOPS, {bw / 2**20:,.0f} MiB/s, {cpu:.1f} µs")
+            cells.append(f"{iops:,.0f} IOPS, {bw / 2**20:,.0f} MiB/s, {cpu:.1f} µs, "
+                         f"{steal:.0f}% steal")
         ratio = (medians["blockd"] / medians["qsd"]
                  if "blockd" in keys and "qsd" in keys and medians["qsd"] else float("nan"))
         single = (medians["blockd"] / medians["blockd-single"]
