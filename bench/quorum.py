@@ -60,7 +60,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1,
                         help="seconds of unmeasured fio before each measured run, on the same "
                              "server process (default 1; 0: none)")
-    bench.add_steal_arguments(parser)
+    bench.add_condition_arguments(parser)
     parser.add_argument("--size", type=int, default=512, help="child size in MiB (default 512)")
     parser.add_argument("--image", default="/dev/shm/blockd-quorum-bench",
                         help="children are IMAGE.c0, .c1, .c2 (default in /dev/shm; removed)")
@@ -94,18 +94,20 @@ def main() -> int:
                 f.write(index.to_bytes(8, "little") + chunk[8:])
     results: dict[tuple[str, str], list[bench.Run]] = {}
     try:
-        with tempfile.TemporaryDirectory(prefix="blockd-quorum-bench-") as tmp:
+        with (tempfile.TemporaryDirectory(prefix="blockd-quorum-bench-") as tmp,
+                  bench.keep_awake(bool(args.awake))):
             for rep in range(1, args.reps + 1):
                 for workload in workloads:
                     for server in servers:
                         run = bench.run_steady(
                             lambda: bench.run_one(server, workload, rep, args.image, Path(tmp),
                                                   args.runtime, fio, warmup=args.warmup),
-                            args.max_steal, args.retries)
+                            args.max_steal, args.max_other, args.retries)
                         results.setdefault((workload.key, server.key), []).append(run)
                         print(f"rep {rep} {workload.key} {server.key}: "
                               + (f"{run.iops:.0f} IOPS, {run.cpu_us_per_io:.1f} µs CPU/IO, "
-                                 f"{run.steal_percent:.0f}% steal, attempt {run.attempts}"
+                                 f"{run.steal_percent:.0f}% steal, {run.other_percent:.0f}% other, "
+                                 f"attempt {run.attempts}"
                                  if run.ok else f"FAILED {run.error[:300]}"),
                               flush=True)
     finally:
@@ -114,10 +116,11 @@ def main() -> int:
     load_end = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print()
     kept = [r for runs in results.values() for r in runs if r.ok]
-    noisy = sum(r.steal_percent > args.max_steal for r in kept)
+    noisy = sum(bench.disturbed(r, args.max_steal, args.max_other) for r in kept)
     print(f"load average at start {load_start}, at end {load_end}; warm-up {args.warmup} s; "
-          f"{noisy} of {len(kept)} kept runs had more than {args.max_steal:g}% steal after up to "
-          f"{args.retries} repeats; cells: median IOPS, MiB/s, server CPU µs per I/O, steal %")
+          f"{noisy} of {len(kept)} kept runs had more than {args.max_steal:g}% steal or "
+          f"{args.max_other:g}% other CPU after up to {args.retries} repeats; cells: median IOPS, "
+          "MiB/s, server CPU µs per I/O, steal %, other %")
     print()
     keys = [s.key for s in servers]
     print("| workload | " + " | ".join(s.label for s in servers) + " | blockd / qsd | quorum / single |")
@@ -131,9 +134,10 @@ def main() -> int:
             bw = statistics.median(r.bw_bytes for r in runs) if runs else 0.0
             cpu = statistics.median(r.cpu_us_per_io for r in runs) if runs else float("nan")
             steal = statistics.median(r.steal_percent for r in runs) if runs else float("nan")
+            other = statistics.median(r.other_percent for r in runs) if runs else float("nan")
             medians[server.key] = iops
             cells.append(f"{iops:,.0f} IOPS, {bw / 2**20:,.0f} MiB/s, {cpu:.1f} µs, "
-                         f"{steal:.0f}% steal")
+                         f"{steal:.0f}% steal, {other:.0f}% other")
         ratio = (medians["blockd"] / medians["qsd"]
                  if "blockd" in keys and "qsd" in keys and medians["qsd"] else float("nan"))
         single = (medians["blockd"] / medians["blockd-single"]
