@@ -209,7 +209,9 @@ def report(runs: list[Run], workloads: list[Workload], args, started: str) -> st
                     for path in images_in_use(workloads, args))
         + f"; node `file` (cache.direct={'on' if args.cache_direct else 'off'})"
         " + `raw`; fio `--direct=1 --time_based "
-        f"--runtime={args.runtime} --norandommap`, {args.reps} interleaved repetitions; medians.",
+        f"--runtime={args.runtime} --norandommap`, {args.reps} interleaved repetitions; medians. "
+        + ("CPUs kept awake by idle-priority busy loops (`--awake 1`; see bench/run.py "
+           "keep_awake)." if args.awake else "CPUs left to halt when idle (`--awake 0`)."),
         "",
     ]
     lines += [f"- {name}: {value}" for name, value in common.machine(args.fio)
@@ -287,6 +289,9 @@ def main() -> int:
     parser.add_argument("--output", default=str(REPO / "bench/RESULTS.md"))
     parser.add_argument("--notes", default="", help="Markdown file appended to the report")
     parser.add_argument("--fio", default=shutil.which("fio") or "fio")
+    parser.add_argument("--awake", type=int, choices=(0, 1), default=1,
+                        help="1 (default): keep every CPU from halting with idle-priority busy "
+                             "loops (bench/run.py keep_awake); 0: let them halt")
     parser.add_argument("--keep-image", action="store_true",
                         help="keep the image for the next run (default: remove it at the end)")
     args = parser.parse_args()
@@ -303,7 +308,8 @@ def main() -> int:
         if not os.path.exists(image) or os.stat(image).st_size != IMAGE_SIZE:
             common.make_image(Path(image))
     runs: list[Run] = []
-    with tempfile.TemporaryDirectory(prefix="blockd-fuse-bench-") as tmp:
+    with (tempfile.TemporaryDirectory(prefix="blockd-fuse-bench-") as tmp,
+          common.keep_awake(bool(args.awake))):
         for rep in range(args.reps):
             for workload in workloads:
                 for target in targets:
