@@ -30,6 +30,11 @@ void BlockBackend::detach() noexcept {
   root_.reset();
 }
 
+void BlockBackend::detach_to(Loop& loop) {
+  if (root_ && &root_->loop() != &loop) (void)root_->move_to_loop(loop, this);
+  detach();
+}
+
 int BlockBackend::check_range(uint64_t offset, uint64_t length) const noexcept {
   if (!root_) return -ENOMEDIUM;
   const uint64_t size = static_cast<uint64_t>(root_->size());

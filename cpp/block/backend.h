@@ -28,6 +28,9 @@ class BlockBackend final : public User {
   Status attach(std::shared_ptr<Node> node, uint32_t permissions, uint32_t shared);
   // Releases the node. In-flight requests must have been drained first.
   void detach() noexcept;
+  // detach(), after bringing the node back to `loop` when it runs on another (an export that
+  // served it in an iothread hands it back to the main loop), unless another user keeps it there.
+  void detach_to(Loop& loop);
 
   Node* root() const noexcept { return root_.get(); }
   int64_t size() const noexcept { return root_ ? root_->size() : 0; }

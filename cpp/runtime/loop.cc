@@ -110,6 +110,14 @@ bool Loop::run_posted() {
   return !batch.empty();
 }
 
+void Loop::spawn_or_post(std::function<Task<void>()> make) {
+  if (current() == this) {
+    spawn(make());
+  } else {
+    post([this, make = std::move(make)] { spawn(make()); });
+  }
+}
+
 void Loop::spawn(Task<void> task) {
   auto handle = task.release();
   // A detached wrapper owns the task's frame for as long as it runs.

@@ -68,6 +68,10 @@ class Loop {
   // (or before the loop runs, from the thread that will run it). The task runs at once until it
   // first suspends, with Loop::current() returning this loop.
   void spawn(Task<void> task);
+  // Starts the coroutine that `make` returns on this loop, from any thread: spawned at once when
+  // the caller runs on this loop, else posted, so it runs after the work posted before it.
+  // `make` runs on this loop's thread.
+  void spawn_or_post(std::function<Task<void>()> make);
 
   // Runs `function` on the loop thread and waits for its result. Must not be called from the loop
   // thread itself (that would deadlock).

@@ -554,11 +554,7 @@ Expected<std::shared_ptr<FuseExport>> FuseExport::create(Loop& main,
   // so the export is still alive when it runs.
   created->reading_ = true;
   FuseExport* self = created.get();
-  if (self->loop_ == &main) {
-    main.spawn(self->reader());
-  } else {
-    self->loop_->post([self] { self->loop_->spawn(self->reader()); });
-  }
+  self->loop_->spawn_or_post([self] { return self->reader(); });
   return created;
 }
 
@@ -901,11 +897,7 @@ Task<void> FuseExport::shut_down() {
   co_await backend_->drain();
   // Nothing runs on the serving loop for this export any more: the rest is graph work.
   co_await HopTo{main_};
-  // A node the export served in an iothread comes back to the main loop, unless something else
-  // still uses it there.
-  block::Node* node = backend_->root();
-  if (node != nullptr && &node->loop() != &main_) (void)node->move_to_loop(main_, backend_.get());
-  backend_->detach();
+  backend_->detach_to(main_);
   fuse_session_destroy(session_);
   session_ = nullptr;
   fd_ = -1;

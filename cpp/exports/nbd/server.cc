@@ -41,11 +41,7 @@ Task<void> NbdExport::shut_down() {
   }
   while (clients_ > 0) co_await clients_changed_.wait();
   co_await backend_->drain();
-  // A node this export took to an iothread comes back to the main loop, unless someone else
-  // still uses it there.
-  Loop& main = *Loop::current();  // shut_down runs on the main loop
-  if (&backend_->root()->loop() != &main) (void)move_to(main);
-  backend_->detach();
+  backend_->detach_to(*Loop::current());  // shut_down runs on the main loop
   server_ = nullptr;
 }
 

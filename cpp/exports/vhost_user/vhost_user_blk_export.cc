@@ -219,11 +219,7 @@ Expected<std::shared_ptr<VhostUserBlkExport>> VhostUserBlkExport::create(
   // The accept loop starts on the serving loop; shut_down() hops there after it (post keeps the
   // order), so the export is still alive when it runs.
   VhostUserBlkExport* self = created.get();
-  if (&self->loop_ == &main) {
-    main.spawn(self->accept_loop());
-  } else {
-    self->loop_.post([self] { self->loop_.spawn(self->accept_loop()); });
-  }
+  self->loop_.spawn_or_post([self] { return self->accept_loop(); });
   return created;
 }
 
@@ -575,9 +571,7 @@ Task<void> VhostUserBlkExport::shut_down() {
   ::close(listen_fd_);
   listen_fd_ = -1;
   if (!address_.abstract) ::unlink(address_.path.c_str());
-  block::Node* node = backend_->root();
-  if (node != nullptr && &node->loop() != &main_) (void)node->move_to_loop(main_, backend_.get());
-  backend_->detach();
+  backend_->detach_to(main_);
 }
 
 }  // namespace blockd::exports::vhost_user

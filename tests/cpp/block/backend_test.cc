@@ -1,4 +1,4 @@
-// BlockBackend tests: request bounds, writethrough, draining.
+// BlockBackend tests: request bounds, writethrough, draining, detaching.
 #include "block/backend.h"
 
 #include <gtest/gtest.h>
@@ -129,6 +129,30 @@ TEST_F(BackendTest, NullDeviceLatencyKeepsRequestsInFlight) {
   EXPECT_EQ(backend.in_flight(), 1u);
   run(*loop_, backend.drain());
   EXPECT_EQ(backend.in_flight(), 0u);
+}
+
+TEST_F(BackendTest, DetachToBringsTheNodeBackUnlessAnotherUserKeepsIt) {
+  auto other_loop = testing::make_loop();
+  auto node = drivers::open_null_node(NodeOptions{.node_name = "null0"}, {}, *loop_);
+  ASSERT_TRUE(node.has_value());
+  BlockBackend server("block export 'exp0'");
+  ASSERT_TRUE(server.attach(*node, kPermConsistentRead, kPermAll));
+  ASSERT_TRUE((*node)->move_to_loop(*other_loop, &server));
+
+  // Alone on the node: it comes back with the detach.
+  server.detach_to(*loop_);
+  EXPECT_EQ(server.root(), nullptr);
+  EXPECT_EQ(&(*node)->loop(), loop_.get());
+
+  // Another user arrived while it ran elsewhere: the node stays where that user uses it.
+  ASSERT_TRUE(server.attach(*node, kPermConsistentRead, kPermAll));
+  ASSERT_TRUE((*node)->move_to_loop(*other_loop, &server));
+  BlockBackend bystander("block export 'exp1'");
+  ASSERT_TRUE(bystander.attach(*node, kPermConsistentRead, kPermAll));
+  server.detach_to(*loop_);
+  EXPECT_EQ(server.root(), nullptr);
+  EXPECT_EQ(&(*node)->loop(), other_loop.get());
+  bystander.detach();
 }
 
 }  // namespace

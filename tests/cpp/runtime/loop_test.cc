@@ -281,5 +281,37 @@ TEST(LoopThreadTest, PostAndCallAcrossThreads) {
   for (int i = 0; i < 1000; ++i) EXPECT_EQ(values[i], i);
 }
 
+TEST(LoopThreadTest, SpawnOrPostStartsOnTheLoopItself) {
+  auto thread = LoopThread::start("test-spawn");
+  ASSERT_TRUE(thread.has_value());
+  Loop& loop = (*thread)->loop();
+  // From another thread: posted, after the work posted before it, and run on the loop's thread.
+  std::vector<std::string> order;
+  Loop* ran_on = nullptr;
+  loop.post([&] { order.push_back("posted first"); });
+  loop.spawn_or_post([&]() -> Task<void> {
+    return [](std::vector<std::string>& out, Loop*& where) -> Task<void> {
+      where = Loop::current();
+      out.push_back("spawned");
+      co_return;
+    }(order, ran_on);
+  });
+  loop.call([] {});
+  EXPECT_EQ(order, (std::vector<std::string>{"posted first", "spawned"}));
+  EXPECT_EQ(ran_on, &loop);
+  // From the loop's own thread: started at once, before spawn_or_post returns.
+  bool started_inside = loop.call([&] {
+    bool started = false;
+    loop.spawn_or_post([&started]() -> Task<void> {
+      return [](bool& flag) -> Task<void> {
+        flag = true;
+        co_return;
+      }(started);
+    });
+    return started;
+  });
+  EXPECT_TRUE(started_inside);
+}
+
 }  // namespace
 }  // namespace blockd
