@@ -20,6 +20,7 @@
 #include "qmp/event_bus.h"
 #include "runtime/event.h"
 #include "runtime/loop.h"
+#include "tls/credentials.h"
 
 namespace blockd::qmp {
 
@@ -52,6 +53,21 @@ class IoThread final : public UserObject {
   int64_t poll_grow;
   int64_t poll_shrink;
   int64_t aio_max_batch;
+};
+
+// A tls-creds-x509 object. Servers and sessions share the credentials, so deleting the object
+// leaves them working (as in QEMU).
+class TlsCredsObject final : public UserObject {
+ public:
+  explicit TlsCredsObject(std::shared_ptr<const tls::Credentials> credentials)
+      : credentials_(std::move(credentials)) {}
+  std::string_view type_name() const noexcept override { return "tls-creds-x509"; }
+  const std::shared_ptr<const tls::Credentials>& credentials() const noexcept {
+    return credentials_;
+  }
+
+ private:
+  std::shared_ptr<const tls::Credentials> credentials_;
 };
 
 class Context {

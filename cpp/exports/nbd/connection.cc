@@ -5,9 +5,17 @@
 // NO_ZEROES; the client answers with its flags (unknown flags end the connection) and sends
 // options until one of them (EXPORT_NAME or GO) starts the transmission phase. Supported options:
 // EXPORT_NAME, ABORT, LIST, INFO, GO (with INFO_EXPORT, NAME, DESCRIPTION and BLOCK_SIZE),
-// STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT (base:allocation). STARTTLS is refused
-// with NBD_REP_ERR_POLICY; other options get NBD_REP_ERR_UNSUP. A client that has not finished the
-// handshake within ServerOptions::handshake_timeout is dropped.
+// STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT (base:allocation); other options get
+// NBD_REP_ERR_UNSUP. A client that has not finished the handshake (TLS included) within
+// ServerOptions::handshake_timeout is dropped.
+//
+// TLS ("TLS support" in proto.md): without credentials the server runs in NOTLS mode and refuses
+// STARTTLS with NBD_REP_ERR_POLICY. With them it runs in FORCEDTLS mode: every option but STARTTLS
+// and ABORT gets NBD_REP_ERR_TLS_REQD (EXPORT_NAME, which cannot be refused, ends the
+// connection); STARTTLS is acknowledged, the TLS handshake follows, and from then on the
+// connection reads and writes the cleartext end of a socket pair whose other end a TLS tunnel
+// (tls/session.h) relays to the client, so the code below is the same with and without TLS. A
+// failed handshake ends only that connection.
 //
 // Transmission: READ (structured data and hole chunks when structured replies were negotiated,
 // simple replies otherwise; DF), WRITE (FUA), FLUSH, TRIM, WRITE_ZEROES (NO_HOLE, FAST_ZERO),
@@ -485,6 +493,27 @@ std::span<const uint8_t> as_bytes(std::string_view text) {
 
 }  // namespace
 
+Task<bool> Connection::start_tls() {
+  auto session = tls::Session::create(server_.options().tls_credentials);
+  if (!session) co_return false;
+  // The client may have sent the start of its handshake right behind the option.
+  std::vector<uint8_t> early;
+  if (receive_buffer_) {
+    early.assign(receive_buffer_.get() + receive_start_, receive_buffer_.get() + receive_end_);
+  }
+  receive_start_ = receive_end_ = 0;
+  const Status handshaken = co_await (*session)->handshake(*loop_, fd_, early);
+  if (!handshaken.is_ok() || disconnected_) co_return false;
+  // No authorization object can exist in blockd: a client cannot be authorized.
+  if (!server_.options().tls_authz.empty()) co_return false;
+  int pair[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0) co_return false;
+  server_.spawn_tunnel(std::move(session).value(), fd_, pair[1]);
+  fd_ = pair[0];
+  tls_active_ = true;
+  co_return true;
+}
+
 Task<bool> Connection::handshake() {
   uint8_t greeting[18];
   store64(greeting, kNbdMagic);
@@ -517,6 +546,20 @@ Task<bool> Connection::handshake() {
     }
     payload.resize(length);
     if (length > 0 && !co_await read_exact(payload.data(), length)) co_return false;
+
+    // FORCEDTLS: before the upgrade only STARTTLS and ABORT are served; EXPORT_NAME cannot be
+    // refused politely, so it ends the connection.
+    if (server_.options().tls_credentials && !tls_active_ && option != kOptStartTls &&
+        option != kOptAbort) {
+      if (option == kOptExportName) co_return false;
+      if (!co_await send_option_error(option, kRepErrTlsReqd,
+                                      "TLS negotiation required before option " +
+                                          std::to_string(option) + " (" +
+                                          std::string(option_name(option)) + ")")) {
+        co_return false;
+      }
+      continue;
+    }
 
     switch (option) {
       case kOptExportName: {
@@ -570,13 +613,27 @@ Task<bool> Connection::handshake() {
         break;
       }
 
-      case kOptStartTls:
-        if (!co_await send_option_error(option, length != 0 ? kRepErrInvalid : kRepErrPolicy,
-                                        length != 0 ? "NBD_OPT_STARTTLS must have no payload"
-                                                    : "TLS is not enabled on this server")) {
-          co_return false;
+      case kOptStartTls: {
+        uint32_t refusal = 0;
+        std::string_view why;
+        if (length != 0) {
+          refusal = kRepErrInvalid;
+          why = "NBD_OPT_STARTTLS must have no payload";
+        } else if (!server_.options().tls_credentials) {
+          refusal = kRepErrPolicy;
+          why = "TLS is not enabled on this server";
+        } else if (tls_active_) {
+          refusal = kRepErrInvalid;
+          why = "TLS is already active";
         }
+        if (refusal != 0) {
+          if (!co_await send_option_error(option, refusal, why)) co_return false;
+          break;
+        }
+        if (!co_await send_option_reply(option, kRepAck, {})) co_return false;
+        if (!co_await start_tls()) co_return false;
         break;
+      }
 
       case kOptInfo:
       case kOptGo: {

@@ -162,6 +162,11 @@ class Connection : public std::enable_shared_from_this<Connection> {
   Task<bool> send_option_error(uint32_t option, uint32_t type, std::string_view message);
   Task<bool> send_info(uint32_t option, uint16_t type, std::span<const uint8_t> data);
   void attach(NbdExport* nbd_export);
+  // After NBD_OPT_STARTTLS was acknowledged: runs the TLS handshake on the client's socket, then
+  // hands that socket to a tunnel (Server::spawn_tunnel) and continues on the cleartext end of a
+  // socket pair, so everything after (options, transmission, sendfile and splice) is encrypted by
+  // the tunnel. False when the handshake failed: the connection must end.
+  Task<bool> start_tls();
   static Task<void> watchdog(std::shared_ptr<Connection> self);
 
   // Transmission.
@@ -210,6 +215,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   bool base_allocation_ = false;     // base:allocation selected by SET_META_CONTEXT...
   std::string meta_context_export_;  // ...for this export name
   bool handshake_done_ = false;
+  bool tls_active_ = false;
   Completion* watchdog_timer_ = nullptr;
   std::shared_ptr<NbdExport> export_;
   uint16_t flags_ = 0;  // transmission flags sent to the client

@@ -194,6 +194,20 @@ void Server::connection_ended(Connection* connection) {
   changed_.notify_all();
 }
 
+void Server::spawn_tunnel(std::unique_ptr<tls::Session> session, int fd, int plain_fd) {
+  tunnel_fds_.push_back(fd);
+  if (stopping_) ::shutdown(fd, SHUT_RDWR);
+  loop_.spawn(run_tunnel(std::move(session), fd, plain_fd));
+}
+
+Task<void> Server::run_tunnel(std::unique_ptr<tls::Session> session, int fd, int plain_fd) {
+  co_await tls::Session::relay(std::move(session), loop_, fd, plain_fd);
+  // The relay closed `fd` just now, with nothing run on this loop in between: stop() cannot have
+  // shut down a descriptor that was reused meanwhile.
+  tunnel_fds_.erase(std::remove(tunnel_fds_.begin(), tunnel_fds_.end(), fd), tunnel_fds_.end());
+  changed_.notify_all();
+}
+
 Task<void> Server::stop() {
   stopping_ = true;
   for (auto& listener : listeners_) {
@@ -201,8 +215,10 @@ Task<void> Server::stop() {
   }
   changed_.notify_all();  // accept loops waiting for a free connection slot
   for (Connection* connection : std::vector<Connection*>(connections_)) connection->disconnect();
+  // A tunnel may be stuck sending to a client that stopped reading.
+  for (int fd : tunnel_fds_) ::shutdown(fd, SHUT_RDWR);
   auto busy = [this] {
-    if (!connections_.empty()) return true;
+    if (!connections_.empty() || !tunnel_fds_.empty()) return true;
     return std::any_of(listeners_.begin(), listeners_.end(),
                        [](const auto& listener) { return listener->running; });
   };

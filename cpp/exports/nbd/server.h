@@ -26,6 +26,8 @@
 #include "runtime/status.h"
 #include "runtime/stream_address.h"
 #include "runtime/task.h"
+#include "tls/credentials.h"
+#include "tls/session.h"
 
 namespace blockd::exports::nbd {
 
@@ -44,6 +46,13 @@ struct ServerOptions {
   // many payload bytes are buffered.
   uint32_t max_requests_in_flight = 64;
   uint64_t max_buffered_bytes = 128u << 20;
+  // Server-endpoint credentials: when set, clients must upgrade with NBD_OPT_STARTTLS before
+  // anything else (proto.md's FORCEDTLS mode).
+  std::shared_ptr<const tls::Credentials> tls_credentials;
+  // The id of the authorization object clients must satisfy (tls-authz). blockd has no such
+  // objects, so a client that completes the TLS handshake is then dropped, as qemu-storage-daemon
+  // does when the object is missing.
+  std::string tls_authz;
 };
 
 struct NbdExportOptions {
@@ -139,6 +148,9 @@ class Server {
   Status listen(const ListenAddress& address);
   Task<void> accept_loop(Listener& listener);
   void connection_ended(Connection* connection);
+  // Runs the TLS tunnel of a connection on the server's loop (stop() waits for it too).
+  void spawn_tunnel(std::unique_ptr<tls::Session> session, int fd, int plain_fd);
+  Task<void> run_tunnel(std::unique_ptr<tls::Session> session, int fd, int plain_fd);
 
   Loop& loop_;
   ServerOptions options_;
@@ -147,6 +159,7 @@ class Server {
   bool stopping_ = false;
   std::vector<NbdExport*> exports_;  // creation order; not owning
   std::vector<Connection*> connections_;
+  std::vector<int> tunnel_fds_;  // the client sockets of the TLS tunnels still relaying
   Event changed_;  // a connection ended or an accept loop finished
 };
 

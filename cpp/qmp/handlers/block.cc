@@ -334,11 +334,16 @@ Expected<std::shared_ptr<Node>> open_node(qmp::Context& context, const BlockdevO
       break;
     case BlockdevDriver::kNbd: {
       const BlockdevOptionsNbd& nbd = *options.u.nbd;
-      // As QEMU, a missing credentials object is reported before anything is connected; blockd
-      // has no TLS yet, so no such object can exist.
-      if (nbd.tls_creds) return Status::generic("No TLS credentials with id '" + *nbd.tls_creds + "'");
+      // As QEMU, a missing credentials object is reported before anything is connected. The
+      // client driver does not speak TLS yet (the NBD server does).
+      if (nbd.tls_creds) {
+        if (!context.objects().contains(*nbd.tls_creds)) {
+          return Status::generic("No TLS credentials with id '" + *nbd.tls_creds + "'");
+        }
+        return Status::generic("TLS is not supported by blockd's nbd client driver yet");
+      }
       if (nbd.tls_hostname) {
-        return Status::generic("tls-hostname is not supported by blockd (it has no TLS yet)");
+        return Status::generic("tls-hostname is not supported by blockd's nbd client driver yet");
       }
       if (nbd.x_dirty_bitmap) return Status::generic("x-dirty-bitmap is not supported by blockd");
       auto server = to_stream_address(nbd.server);

@@ -33,12 +33,28 @@ SocketAddress from_legacy(const SocketAddressLegacy& legacy) {
 
 Status start_nbd_server(qmp::Context& context, const SocketAddress& address,
                         const std::optional<std::string>& tls_creds,
+                        const std::optional<std::string>& tls_authz,
                         const std::optional<uint32_t>& max_connections) {
   if (context.nbd_server()) return Status::generic("NBD server already running");
-  if (tls_creds) return Status::generic("No TLS credentials with id '" + *tls_creds + "'");
+  exports::nbd::ServerOptions options;
+  if (tls_creds) {
+    auto found = context.objects().find(*tls_creds);
+    if (found == context.objects().end()) {
+      return Status::generic("No TLS credentials with id '" + *tls_creds + "'");
+    }
+    auto* creds = dynamic_cast<qmp::TlsCredsObject*>(found->second.get());
+    if (creds == nullptr) {
+      return Status::generic("Object with id '" + *tls_creds + "' is not TLS credentials");
+    }
+    if (creds->credentials()->endpoint() != tls::Endpoint::kServer) {
+      return Status::generic("Expected TLS credentials for a server endpoint");
+    }
+    options.tls_credentials = creds->credentials();
+    // As in QEMU, the authorization object is looked up only when a client connects.
+    options.tls_authz = tls_authz.value_or("");
+  }
   auto listen = to_stream_address(address);
   if (!listen) return listen.status();
-  exports::nbd::ServerOptions options;
   options.max_connections = max_connections.value_or(0);
   auto server = exports::nbd::Server::start(context.main_loop(), *listen, options);
   if (!server) return server.status();
@@ -284,7 +300,8 @@ Status create_vhost_user_blk_export(qmp::Context& context, const BlockExportOpti
 
 // For the daemon's --nbd-server option (Engine::cli_option).
 Status nbd_server_start_options(qmp::Context& context, const NbdServerOptions& options) {
-  return start_nbd_server(context, options.addr, options.tls_creds, options.max_connections);
+  return start_nbd_server(context, options.addr, options.tls_creds, options.tls_authz,
+                          options.max_connections);
 }
 
 // Shuts every export down and stops the NBD server (Engine::shutdown).
@@ -299,7 +316,8 @@ void stop_all_exports(qmp::Context& context) {
 }
 
 Status qmp_nbd_server_start(qmp::Context& context, const NbdServerStartArgs& args) {
-  return start_nbd_server(context, from_legacy(args.addr), args.tls_creds, args.max_connections);
+  return start_nbd_server(context, from_legacy(args.addr), args.tls_creds, args.tls_authz,
+                          args.max_connections);
 }
 
 Status qmp_nbd_server_stop(qmp::Context& context) {

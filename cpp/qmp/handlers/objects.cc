@@ -1,4 +1,5 @@
-// Handlers of the QOM object commands: object-add, object-del, query-iothreads.
+// Handlers of the QOM object commands: object-add (iothread, tls-creds-x509), object-del,
+// query-iothreads.
 #include <cctype>
 
 #include "qapi/commands.h"
@@ -35,6 +36,28 @@ Status add_iothread(qmp::Context& context, const std::string& id,
   return Status::ok();
 }
 
+Status add_tls_creds_x509(qmp::Context& context, const std::string& id,
+                          const TlsCredsX509Properties& properties) {
+  // blockd has no secret objects, so a key protected by one cannot be unlocked.
+  if (properties.passwordid) {
+    return Status::generic("No secret with id '" + *properties.passwordid + "'");
+  }
+  tls::X509Options options;
+  options.dir = properties.dir.value_or("");
+  options.endpoint = properties.endpoint.value_or(QCryptoTLSCredsEndpoint::kClient) ==
+                             QCryptoTLSCredsEndpoint::kServer
+                         ? tls::Endpoint::kServer
+                         : tls::Endpoint::kClient;
+  options.verify_peer = properties.verify_peer.value_or(true);
+  options.priority = properties.priority.value_or("");
+  options.sanity_check = properties.sanity_check.value_or(true);
+  auto credentials = tls::Credentials::load_x509(options);
+  if (!credentials) return credentials.status();
+  context.objects().emplace(
+      id, std::make_unique<qmp::TlsCredsObject>(std::move(credentials).value()));
+  return Status::ok();
+}
+
 }  // namespace
 
 Status qmp_object_add(qmp::Context& context, const ObjectOptions& options) {
@@ -44,6 +67,9 @@ Status qmp_object_add(qmp::Context& context, const ObjectOptions& options) {
                            "' to object (type 'container')");
   }
   if (options.u.iothread) return add_iothread(context, options.id, *options.u.iothread);
+  if (options.u.tls_creds_x509) {
+    return add_tls_creds_x509(context, options.id, *options.u.tls_creds_x509);
+  }
   return Status::generic("object type '" + std::string(to_string(options.qom_type)) +
                          "' is not supported by blockd yet");
 }

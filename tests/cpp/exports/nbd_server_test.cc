@@ -23,6 +23,7 @@
 #include "exports/nbd/protocol.h"
 #include "exports/nbd/server.h"
 #include "test_support.h"
+#include "tls/test_pki.h"
 
 namespace blockd::exports::nbd {
 namespace {
@@ -415,6 +416,60 @@ TEST_F(NbdServerTest, StalledHandshakeIsDropped) {
   auto greeting = recv_bytes(18);
   EXPECT_EQ(greeting.size(), 18u);
   EXPECT_TRUE(at_eof());  // the server gives up on us
+}
+
+// ---- TLS (FORCEDTLS mode).
+
+ServerOptions tls_options(const blockd::testing::TestPki& pki) {
+  tls::X509Options x509;
+  x509.dir = pki.server_dir();
+  x509.endpoint = tls::Endpoint::kServer;
+  auto credentials = tls::Credentials::load_x509(x509);
+  EXPECT_TRUE(credentials) << credentials.status().message();
+  ServerOptions options;
+  if (credentials) options.tls_credentials = std::move(credentials).value();
+  return options;
+}
+
+TEST_F(NbdServerTest, TlsServerRefusesOptionsBeforeStartTls) {
+  blockd::testing::TempDir temp;
+  blockd::testing::TestPki pki(temp.file("pki"), "test CA");
+  start(tls_options(pki));
+  greet();
+  send_option(kOptList, {});
+  EXPECT_EQ(recv_option_reply().type, kRepErrTlsReqd);
+  send_option(kOptGo, go_payload("exp"));
+  EXPECT_EQ(recv_option_reply().type, kRepErrTlsReqd);
+  send_option(42, {9, 9});
+  EXPECT_EQ(recv_option_reply().type, kRepErrTlsReqd);
+  send_option(kOptStartTls, {1});
+  EXPECT_EQ(recv_option_reply().type, kRepErrInvalid);
+  // EXPORT_NAME has no error reply: the client is dropped.
+  send_option(kOptExportName, {'e', 'x', 'p'});
+  EXPECT_TRUE(at_eof());
+}
+
+TEST_F(NbdServerTest, TlsHandshakeIsCoveredByTheHandshakeTimeout) {
+  blockd::testing::TempDir temp;
+  blockd::testing::TestPki pki(temp.file("pki"), "test CA");
+  ServerOptions options = tls_options(pki);
+  options.handshake_timeout = std::chrono::milliseconds(100);
+  start(options);
+  greet();
+  send_option(kOptStartTls, {});
+  EXPECT_EQ(recv_option_reply().type, kRepAck);
+  EXPECT_TRUE(at_eof());  // no ClientHello came: the server gives up
+}
+
+TEST_F(NbdServerTest, GarbageAfterStartTlsDropsTheClient) {
+  blockd::testing::TempDir temp;
+  blockd::testing::TestPki pki(temp.file("pki"), "test CA");
+  start(tls_options(pki));
+  greet();
+  send_option(kOptStartTls, {});
+  EXPECT_EQ(recv_option_reply().type, kRepAck);
+  send_bytes(std::vector<uint8_t>(300, 'x'));
+  EXPECT_TRUE(at_eof());
 }
 
 TEST_F(NbdServerTest, ExportNameEntersTransmission) {
