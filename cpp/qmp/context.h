@@ -55,13 +55,16 @@ class IoThread final : public UserObject {
   int64_t aio_max_batch;
 };
 
-// A tls-creds-x509 object. Servers and sessions share the credentials, so deleting the object
+// A tls-creds-x509 or tls-creds-psk object. Servers and sessions share the credentials, so deleting the object
 // leaves them working (as in QEMU).
 class TlsCredsObject final : public UserObject {
  public:
   explicit TlsCredsObject(std::shared_ptr<const tls::Credentials> credentials)
       : credentials_(std::move(credentials)) {}
-  std::string_view type_name() const noexcept override { return "tls-creds-x509"; }
+  std::string_view type_name() const noexcept override {
+    return credentials_->kind() == tls::Credentials::Kind::kPsk ? "tls-creds-psk"
+                                                                : "tls-creds-x509";
+  }
   const std::shared_ptr<const tls::Credentials>& credentials() const noexcept {
     return credentials_;
   }

@@ -8,6 +8,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <fstream>
 
 namespace blockd::tls {
 namespace {
@@ -44,6 +45,8 @@ Status parse_certificate(const std::string& path, const char* role) {
 
 Credentials::~Credentials() {
   if (certificates_ != nullptr) gnutls_certificate_free_credentials(certificates_);
+  if (psk_server_ != nullptr) gnutls_psk_free_server_credentials(psk_server_);
+  if (psk_client_ != nullptr) gnutls_psk_free_client_credentials(psk_client_);
 }
 
 Expected<std::shared_ptr<Credentials>> Credentials::load_x509(const X509Options& options) {
@@ -65,7 +68,7 @@ Expected<std::shared_ptr<Credentials>> Credentials::load_x509(const X509Options&
     if (!parsed.is_ok()) return parsed;
   }
 
-  std::shared_ptr<Credentials> loaded(new Credentials(options));
+  std::shared_ptr<Credentials> loaded(new Credentials(Kind::kX509, options));
   if (gnutls_certificate_allocate_credentials(&loaded->certificates_) != GNUTLS_E_SUCCESS) {
     return Status::generic("Cannot allocate TLS credentials");
   }
@@ -85,6 +88,63 @@ Expected<std::shared_ptr<Credentials>> Credentials::load_x509(const X509Options&
       return Status::generic("Cannot load certificate '" + *cert + "' & key '" + *key +
                              "': " + gnutls_strerror(result));
     }
+  }
+  return loaded;
+}
+
+Expected<std::shared_ptr<Credentials>> Credentials::load_psk(const PskOptions& options) {
+  if (options.dir.empty()) return Status::generic("Missing 'dir' property value");
+  const bool server = options.endpoint == Endpoint::kServer;
+  if (server && !options.username.empty()) {
+    return Status::generic("username should not be set when endpoint=server");
+  }
+  auto keys = credential_file(options.dir, "keys.psk", true);
+  if (!keys) return keys.status();
+  X509Options common;
+  common.dir = options.dir;
+  common.endpoint = options.endpoint;
+  common.verify_peer = false;
+  common.priority = options.priority;
+  std::shared_ptr<Credentials> loaded(new Credentials(Kind::kPsk, common));
+  if (server) {
+    if (gnutls_psk_allocate_server_credentials(&loaded->psk_server_) != GNUTLS_E_SUCCESS) {
+      return Status::generic("Cannot allocate TLS credentials");
+    }
+    // GnuTLS reads the file when a client names its user.
+    const int result = gnutls_psk_set_server_credentials_file(loaded->psk_server_, keys->c_str());
+    if (result < 0) {
+      return Status::generic("Cannot set PSK server credentials: " +
+                             std::string(gnutls_strerror(result)));
+    }
+    return loaded;
+  }
+  const std::string username = options.username.empty() ? "qemu" : options.username;
+  std::ifstream file(*keys);
+  std::string line;
+  std::string key;
+  bool found = false;
+  while (std::getline(file, line)) {
+    const size_t colon = line.find(':');
+    if (colon != std::string::npos && line.compare(0, colon, username) == 0 &&
+        colon == username.size()) {
+      key = line.substr(colon + 1);
+      found = true;
+      break;
+    }
+  }
+  if (!found) {
+    return Status::generic("Username " + username + " not found in PSK file " + *keys);
+  }
+  if (gnutls_psk_allocate_client_credentials(&loaded->psk_client_) != GNUTLS_E_SUCCESS) {
+    return Status::generic("Cannot allocate TLS credentials");
+  }
+  gnutls_datum_t datum{reinterpret_cast<unsigned char*>(key.data()),
+                       static_cast<unsigned>(key.size())};
+  const int result = gnutls_psk_set_client_credentials(loaded->psk_client_, username.c_str(),
+                                                       &datum, GNUTLS_PSK_KEY_HEX);
+  if (result < 0) {
+    return Status::generic("Cannot set PSK client credentials: " +
+                           std::string(gnutls_strerror(result)));
   }
   return loaded;
 }

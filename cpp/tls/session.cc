@@ -46,23 +46,32 @@ Expected<std::unique_ptr<Session>> Session::create(std::shared_ptr<const Credent
     return Status::generic("Cannot initialize TLS session");
   }
   gnutls_session_t s = session->session_;
+  const bool psk = credentials->kind() == Credentials::Kind::kPsk;
+  std::string priority = credentials->priority();
+  // Pre-shared keys need their key exchanges, which GnuTLS's defaults leave out.
+  if (psk) priority = (priority.empty() ? "NORMAL" : priority) + ":+ECDHE-PSK:+DHE-PSK:+PSK";
   int result;
-  if (credentials->priority().empty()) {
+  if (priority.empty()) {
     result = gnutls_set_default_priority(s);
   } else {
     const char* where = nullptr;
-    result = gnutls_priority_set_direct(s, credentials->priority().c_str(), &where);
+    result = gnutls_priority_set_direct(s, priority.c_str(), &where);
   }
   if (result < 0) {
-    return Status::generic("Unable to set TLS session priority " + credentials->priority() + ": " +
+    return Status::generic("Unable to set TLS session priority " + priority + ": " +
                            gnutls_strerror(result));
   }
-  result = gnutls_credentials_set(s, GNUTLS_CRD_CERTIFICATE, credentials->certificates());
+  if (psk) {
+    result = server ? gnutls_credentials_set(s, GNUTLS_CRD_PSK, credentials->psk_server())
+                    : gnutls_credentials_set(s, GNUTLS_CRD_PSK, credentials->psk_client());
+  } else {
+    result = gnutls_credentials_set(s, GNUTLS_CRD_CERTIFICATE, credentials->certificates());
+  }
   if (result < 0) {
     return Status::generic(std::string("Cannot set session credentials: ") +
                            gnutls_strerror(result));
   }
-  if (server) {
+  if (server && !psk) {
     gnutls_certificate_server_set_request(
         s, credentials->verify_peer() ? GNUTLS_CERT_REQUIRE : GNUTLS_CERT_IGNORE);
   }
@@ -71,7 +80,7 @@ Expected<std::unique_ptr<Session>> Session::create(std::shared_ptr<const Credent
   const std::string& name = session->hostname_;
   if (!name.empty()) gnutls_server_name_set(s, GNUTLS_NAME_DNS, name.data(), name.size());
   // GnuTLS checks the peer's chain (and the server's name, when given) during the handshake.
-  if (credentials->verify_peer()) {
+  if (credentials->verify_peer() && !psk) {
     gnutls_session_set_verify_cert(s, name.empty() ? nullptr : name.c_str(), 0);
   }
   gnutls_transport_set_ptr(s, session.get());

@@ -1,6 +1,6 @@
-"""NBD over TLS: tls-creds-x509 objects and nbd-server-start tls-creds, checked with real clients
-(libnbd, nbdinfo, qemu-img, qemu-io, Python's ssl module speaking the wire protocol) and against
-qemu-storage-daemon 7.2 with the same certificates.
+"""NBD over TLS: tls-creds-x509 and tls-creds-psk objects and nbd-server-start tls-creds, checked
+with real clients (libnbd, nbdinfo, qemu-img, qemu-io, Python's ssl module speaking the wire
+protocol) and against qemu-storage-daemon 7.2 with the same certificates and keys.
 
 The certificates are made at test time with openssl (blockd.testing.pki): a CA with a server and
 a client certificate, and a second, unrelated CA ("rogue") whose client must be refused.
@@ -460,3 +460,90 @@ def test_a_tcp_listener_with_tls(pki: tuple[Pki, Pki], tmp_path: Path) -> None:
         h.shutdown()
     finally:
         engine.shutdown()
+
+
+# ---- Pre-shared keys (tls-creds-psk).
+
+
+def psk_dirs(tmp_path: Path) -> tuple[Path, Path]:
+    """A server directory with two users' keys and a client directory with alice's."""
+    server, client = tmp_path / "psk-server", tmp_path / "psk-client"
+    server.mkdir()
+    client.mkdir()
+    alice = os.urandom(32).hex()
+    (server / "keys.psk").write_text(f"bob:{os.urandom(32).hex()}\nalice:{alice}\n")
+    (client / "keys.psk").write_text(f"alice:{alice}\n")
+    return server, client
+
+
+def test_psk_clients(tmp_path: Path) -> None:
+    server_dir, client_dir = psk_dirs(tmp_path)
+    image = tmp_path / "disk.raw"
+    content = make_image(image)
+    sock = str(tmp_path / "nbd.sock")
+    engine = core.Engine()
+    try:
+        qmp(engine, "object-add", qom_type="tls-creds-psk", id="psk0", dir=str(server_dir), endpoint="server")
+        qmp(engine, "blockdev-add", driver="file", node_name="disk", filename=str(image))
+        qmp(engine, "nbd-server-start", addr={"type": "unix", "data": {"path": sock}}, tls_creds="psk0")
+        qmp(engine, "nbd-server-add", device="disk", name="disk", writable=True)
+        if nbd is not None:
+            h = nbd.NBD()
+            h.set_tls(nbd.TLS_REQUIRE)
+            h.set_tls_psk_file(str(client_dir / "keys.psk"))
+            h.set_tls_username("alice")
+            h.set_export_name("disk")
+            h.connect_unix(sock)
+            assert h.get_tls_negotiated()
+            assert h.pread(IMAGE_SIZE, 0) == content
+            h.shutdown()
+            intruder = nbd.NBD()
+            intruder.set_tls(nbd.TLS_REQUIRE)
+            (tmp_path / "wrong.psk").write_text(f"alice:{os.urandom(32).hex()}\n")
+            intruder.set_tls_psk_file(str(tmp_path / "wrong.psk"))
+            intruder.set_tls_username("alice")
+            intruder.set_export_name("disk")
+            with pytest.raises(nbd.Error):
+                intruder.connect_unix(sock)
+        if shutil.which("qemu-io") is not None:
+            io = subprocess.run(
+                ["qemu-io", "--object", f"tls-creds-psk,id=tls0,endpoint=client,dir={client_dir},username=alice",
+                 "--image-opts", f"driver=nbd,server.type=unix,server.path={sock},export=disk,tls-creds=tls0",
+                 "-c", "write -P 0x3c 0 64k", "-c", "read -P 0x3c 0 64k"], capture_output=True, text=True)
+            assert io.returncode == 0 and "failed" not in io.stdout + io.stderr, io.stdout + io.stderr
+            assert image.read_bytes()[:65536] == b"\x3c" * 65536
+    finally:
+        engine.shutdown()
+
+
+@needs_qsd
+def test_psk_qmp_errors_match_qsd(tmp_path: Path) -> None:
+    server_dir, client_dir = psk_dirs(tmp_path)
+    psk = {"qom-type": "tls-creds-psk"}
+    steps = [
+        {**psk, "id": "a", "endpoint": "server"},
+        {**psk, "id": "a", "dir": str(tmp_path / "nowhere"), "endpoint": "server"},
+        {**psk, "id": "a", "dir": str(server_dir), "endpoint": "server", "username": "alice"},
+        {**psk, "id": "a", "dir": str(client_dir), "endpoint": "client"},
+        {**psk, "id": "a", "dir": str(client_dir), "endpoint": "client", "username": "bob"},
+        {**psk, "id": "srv", "dir": str(server_dir), "endpoint": "server"},
+        {**psk, "id": "cli", "dir": str(client_dir), "endpoint": "client", "username": "alice"},
+    ]
+    reference = DaemonProcess([], command=[QSD], directory=tmp_path).start()
+    try:
+        assert reference.qmp is not None
+        expected = [reference.qmp.cmd("object-add", step).get("error", "ok") for step in steps]
+        expected.append(reference.qmp.cmd("nbd-server-start", {
+            "addr": {"type": "unix", "data": {"path": str(tmp_path / "q.sock")}}, "tls-creds": "cli"}).get("error", "ok"))
+    finally:
+        reference.stop()
+        reference.close()
+    engine = core.Engine()
+    try:
+        actual = [execute(engine, "object-add", **step).get("error", "ok") for step in steps]
+        actual.append(execute(engine, "nbd-server-start", tls_creds="cli",
+                              addr={"type": "unix", "data": {"path": str(tmp_path / "b.sock")}}).get("error", "ok"))
+    finally:
+        engine.shutdown()
+    assert actual == expected
+

@@ -1,5 +1,5 @@
-// Handlers of the QOM object commands: object-add (iothread, tls-creds-x509), object-del,
-// query-iothreads.
+// Handlers of the QOM object commands: object-add (iothread, tls-creds-x509, tls-creds-psk),
+// object-del, query-iothreads.
 #include <cctype>
 
 #include "qapi/commands.h"
@@ -36,6 +36,12 @@ Status add_iothread(qmp::Context& context, const std::string& id,
   return Status::ok();
 }
 
+// QEMU's default endpoint is the client.
+tls::Endpoint to_endpoint(const std::optional<QCryptoTLSCredsEndpoint>& endpoint) {
+  return endpoint == QCryptoTLSCredsEndpoint::kServer ? tls::Endpoint::kServer
+                                                      : tls::Endpoint::kClient;
+}
+
 Status add_tls_creds_x509(qmp::Context& context, const std::string& id,
                           const TlsCredsX509Properties& properties) {
   // blockd has no secret objects, so a key protected by one cannot be unlocked.
@@ -44,10 +50,7 @@ Status add_tls_creds_x509(qmp::Context& context, const std::string& id,
   }
   tls::X509Options options;
   options.dir = properties.dir.value_or("");
-  options.endpoint = properties.endpoint.value_or(QCryptoTLSCredsEndpoint::kClient) ==
-                             QCryptoTLSCredsEndpoint::kServer
-                         ? tls::Endpoint::kServer
-                         : tls::Endpoint::kClient;
+  options.endpoint = to_endpoint(properties.endpoint);
   options.verify_peer = properties.verify_peer.value_or(true);
   options.priority = properties.priority.value_or("");
   options.sanity_check = properties.sanity_check.value_or(true);
@@ -55,6 +58,20 @@ Status add_tls_creds_x509(qmp::Context& context, const std::string& id,
   if (!credentials) return credentials.status();
   context.objects().emplace(
       id, std::make_unique<qmp::TlsCredsObject>(std::move(credentials).value()));
+  return Status::ok();
+}
+
+Status add_tls_creds_psk(qmp::Context& context, const std::string& id,
+                         const TlsCredsPskProperties& properties) {
+  tls::PskOptions options;
+  options.dir = properties.dir.value_or("");
+  options.endpoint = to_endpoint(properties.endpoint);
+  options.username = properties.username.value_or("");
+  options.priority = properties.priority.value_or("");
+  auto credentials = tls::Credentials::load_psk(options);
+  if (!credentials) return credentials.status();
+  context.objects().emplace(id,
+                            std::make_unique<qmp::TlsCredsObject>(std::move(credentials).value()));
   return Status::ok();
 }
 
@@ -67,6 +84,7 @@ Status qmp_object_add(qmp::Context& context, const ObjectOptions& options) {
                            "' to object (type 'container')");
   }
   if (options.u.iothread) return add_iothread(context, options.id, *options.u.iothread);
+  if (options.u.tls_creds_psk) return add_tls_creds_psk(context, options.id, *options.u.tls_creds_psk);
   if (options.u.tls_creds_x509) {
     return add_tls_creds_x509(context, options.id, *options.u.tls_creds_x509);
   }

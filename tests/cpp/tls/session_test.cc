@@ -230,5 +230,66 @@ TEST_F(TlsTest, GarbageInsteadOfAHandshakeFails) {
   ::close(fds[1]);
 }
 
+// ---- Pre-shared keys.
+
+std::shared_ptr<Credentials> load_psk(const std::string& dir, Endpoint endpoint,
+                                      const std::string& username = "") {
+  PskOptions options;
+  options.dir = dir;
+  options.endpoint = endpoint;
+  options.username = username;
+  auto loaded = Credentials::load_psk(options);
+  EXPECT_TRUE(loaded) << loaded.status().message();
+  return loaded ? std::move(loaded).value() : nullptr;
+}
+
+std::string load_psk_error(const PskOptions& options) {
+  auto loaded = Credentials::load_psk(options);
+  EXPECT_FALSE(loaded);
+  return loaded ? "" : loaded.status().message();
+}
+
+TEST_F(TlsTest, PskLoadErrors) {
+  PskOptions options;
+  options.endpoint = Endpoint::kServer;
+  EXPECT_EQ(load_psk_error(options), "Missing 'dir' property value");
+  options.dir = temp_.path();
+  options.username = "alice";
+  EXPECT_EQ(load_psk_error(options), "username should not be set when endpoint=server");
+  options.username.clear();
+  EXPECT_EQ(load_psk_error(options), "Unable to access credentials " + temp_.path() +
+                                         "/keys.psk: No such file or directory");
+  std::ofstream(temp_.file("keys.psk")) << "alice:0123456789abcdef0123456789abcdef\n";
+  options.endpoint = Endpoint::kClient;
+  EXPECT_EQ(load_psk_error(options),
+            "Username qemu not found in PSK file " + temp_.path() + "/keys.psk");
+}
+
+TEST_F(TlsTest, PskHandshakeNeedsTheSameKey) {
+  const std::string server_dir = temp_.file("server"), client_dir = temp_.file("client");
+  std::filesystem::create_directories(server_dir);
+  std::filesystem::create_directories(client_dir);
+  std::ofstream(server_dir + "/keys.psk") << "bob:00112233445566778899aabbccddeeff\n"
+                                             "alice:0123456789abcdef0123456789abcdef\n";
+  std::ofstream(client_dir + "/keys.psk") << "alice:0123456789abcdef0123456789abcdef\n"
+                                             "mallory:0123456789abcdef0123456789abcdee\n";
+  auto loop = blockd::testing::make_loop();
+  auto server = load_psk(server_dir, Endpoint::kServer);
+  {
+    Pair pair = make_pair(server, load_psk(client_dir, Endpoint::kClient, "alice"));
+    auto [server_status, client_status] = handshake(*loop, pair);
+    EXPECT_TRUE(server_status.is_ok()) << server_status.message();
+    EXPECT_TRUE(client_status.is_ok()) << client_status.message();
+    ::close(pair.fds[0]);
+    ::close(pair.fds[1]);
+  }
+  Pair pair = make_pair(server, load_psk(client_dir, Endpoint::kClient, "mallory"));
+  auto [server_status, client_status] = handshake(*loop, pair);
+  EXPECT_FALSE(server_status.is_ok());
+  EXPECT_FALSE(client_status.is_ok());
+  ::close(pair.fds[0]);
+  ::close(pair.fds[1]);
+}
+
 }  // namespace
 }  // namespace blockd::tls
