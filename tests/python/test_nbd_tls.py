@@ -547,3 +547,91 @@ def test_psk_qmp_errors_match_qsd(tmp_path: Path) -> None:
         engine.shutdown()
     assert actual == expected
 
+
+
+# ---- The nbd client driver with TLS.
+
+
+def client_engine(pki_client_dir: Path, tmp_path: Path) -> tuple[Any, str]:
+    """An engine with client credentials tls-cli and a plaintext NBD server; returns it and the
+    server's socket."""
+    engine = core.Engine()
+    sock = str(tmp_path / "re-export.sock")
+    qmp(engine, "object-add", qom_type="tls-creds-x509", id="tls-cli", dir=str(pki_client_dir), endpoint="client")
+    qmp(engine, "nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+    return engine, sock
+
+
+@needs_libnbd
+def test_client_driver_reads_and_writes_over_tls(served: Served, pki: tuple[Pki, Pki], tmp_path: Path) -> None:
+    engine, sock = client_engine(pki[0].client_dir, tmp_path)
+    try:
+        qmp(engine, "blockdev-add", driver="nbd", node_name="remote", export="disk", tls_creds="tls-cli",
+            tls_hostname="localhost", server={"type": "unix", "path": served.sock})
+        qmp(engine, "nbd-server-add", device="remote", name="remote", writable=True)
+        h = nbd.NBD()
+        h.set_export_name("remote")
+        h.connect_unix(sock)
+        assert h.pread(IMAGE_SIZE, 0) == served.content
+        new = os.urandom(1 << 20)
+        h.pwrite(new, 5 << 20)
+        h.flush()
+        h.shutdown()
+        assert served.image.read_bytes()[5 << 20:6 << 20] == new
+    finally:
+        engine.shutdown()
+
+
+def test_client_driver_refusals(served: Served, pki: tuple[Pki, Pki], tmp_path: Path) -> None:
+    good, rogue = pki
+    engine, plain_sock = client_engine(good.client_dir, tmp_path)
+    try:
+        qmp(engine, "object-add", qom_type="tls-creds-x509", id="tls-srv", dir=str(good.server_dir), endpoint="server")
+        qmp(engine, "object-add", qom_type="tls-creds-x509", id="tls-rogue", dir=str(rogue.client_dir),
+            endpoint="client")
+        server = {"type": "unix", "path": served.sock}
+
+        def error(**options: Any) -> str:
+            reply = execute(engine, "blockdev-add", driver="nbd", node_name="x", export="disk", server=server,
+                            **options)
+            assert "error" in reply, reply
+            return str(reply["error"]["desc"])
+
+        assert error(tls_creds="tls-srv", tls_hostname="localhost") == \
+            "Expected TLS credentials for a client endpoint"
+        assert error(tls_creds="tls-cli") == "No hostname for certificate validation"
+        assert error(tls_creds="tls-rogue", tls_hostname="localhost").startswith("TLS handshake failed")
+        assert error(tls_creds="tls-cli", tls_hostname="elsewhere.example").startswith("TLS handshake failed")
+        # A TLS-only server and a plaintext client; a plaintext server and a TLS client.
+        assert "NBD_REP_ERR_TLS_REQD" in error()
+        server = {"type": "unix", "path": plain_sock}
+        assert error(tls_creds="tls-cli", tls_hostname="localhost") == \
+            "Server refused NBD_OPT_STARTTLS (NBD_REP_ERR_POLICY): TLS is not enabled on this server"
+        assert_serving(served, pki)
+    finally:
+        engine.shutdown()
+
+
+@needs_libnbd
+def test_client_driver_against_qemu_nbd_with_tls(pki: tuple[Pki, Pki], tmp_path: Path) -> None:
+    if shutil.which("qemu-nbd") is None:
+        pytest.skip("qemu-nbd is not installed (qemu-utils)")
+    from blockd.testing.nbd_servers import qemu_nbd
+
+    image = tmp_path / "disk.raw"
+    content = make_image(image)
+    server = qemu_nbd(image, tmp_path / "qemu-nbd.sock", "--object",
+                      f"tls-creds-x509,id=tls0,endpoint=server,dir={pki[0].server_dir}", "--tls-creds", "tls0").start()
+    engine, sock = client_engine(pki[0].client_dir, tmp_path)
+    try:
+        qmp(engine, "blockdev-add", driver="nbd", node_name="remote", export="exp", tls_creds="tls-cli",
+            tls_hostname="localhost", server={"type": "unix", "path": str(server.sock)})
+        qmp(engine, "nbd-server-add", device="remote", name="remote")
+        h = nbd.NBD()
+        h.set_export_name("remote")
+        h.connect_unix(sock)
+        assert h.pread(IMAGE_SIZE, 0) == content
+        h.shutdown()
+    finally:
+        engine.shutdown()
+        server.kill()

@@ -25,6 +25,7 @@
 #include "runtime/event.h"
 #include "runtime/fd_io.h"
 #include "runtime/hop.h"
+#include "tls/session.h"
 
 namespace blockd::drivers {
 namespace {
@@ -73,6 +74,10 @@ class Alarm {
 class SocketReader {
  public:
   SocketReader(Loop& loop, int fd) : loop_(&loop), fd_(fd), buffer_(new uint8_t[kBufferSize]) {}
+
+  // Reads from `fd` from now on (the cleartext end of a TLS tunnel); nothing may be buffered.
+  void switch_to(int fd) noexcept { fd_ = fd; }
+  bool empty() const noexcept { return start_ == end_; }
 
   // Reads exactly `length` bytes into `out` (null: discard them). 0, or a negative errno
   // (-ECONNRESET for end of stream).
@@ -222,7 +227,11 @@ class Handshake {
  public:
   Handshake(Loop& loop, int fd, SocketReader& reader) : loop_(loop), fd_(fd), reader_(reader) {}
 
-  Task<std::optional<Failure>> run(const std::string& export_name, Negotiated& out) {
+  // The socket the handshake ended on: the server's, or the cleartext end of a TLS tunnel.
+  int fd() const noexcept { return fd_; }
+
+  Task<std::optional<Failure>> run(const NbdClientOptions& options, Negotiated& out) {
+    const std::string& export_name = options.export_name;
     uint8_t greeting[18];
     if (int rc = co_await reader_.read_exact(greeting, sizeof greeting); rc < 0) {
       co_return lost("while reading the greeting", rc);
@@ -241,6 +250,9 @@ class Handshake {
     store32(client_flags, kClientFlagFixedNewstyle | (no_zeroes_ ? kClientFlagNoZeroes : 0));
     if (int rc = co_await send_bytes(loop_, fd_, client_flags, sizeof client_flags); rc < 0) {
       co_return lost("while sending the client flags", rc);
+    }
+    if (options.tls_credentials) {
+      if (auto failure = co_await start_tls(options); failure) co_return failure;
     }
 
     // Structured replies, then base:allocation (which needs them), then the export.
@@ -299,6 +311,36 @@ class Handshake {
   }
 
  private:
+  // NBD_OPT_STARTTLS and the TLS handshake; then the server's socket goes to a tunnel and the
+  // handshake goes on over the cleartext end of a socket pair.
+  Task<std::optional<Failure>> start_tls(const NbdClientOptions& options) {
+    if (auto failure = co_await option(kOptStartTls, {}); failure) co_return failure;
+    if (reply_.type != kRepAck) {
+      if (!(reply_.type & kRepErrorBit)) {
+        co_return violation("unexpected reply to NBD_OPT_STARTTLS");
+      }
+      std::string text = "Server refused NBD_OPT_STARTTLS (" + error_name(reply_.type) + ")";
+      if (!payload_.empty()) text += ": " + option_error_text(payload_);
+      co_return Failure{std::move(text), true};
+    }
+    // The server says nothing more before our ClientHello.
+    if (!reader_.empty()) co_return violation("data after the reply to NBD_OPT_STARTTLS");
+    auto session = tls::Session::create(options.tls_credentials, options.tls_hostname);
+    if (!session) co_return Failure{session.status().message(), true};
+    const Status handshaken = co_await (*session)->handshake(loop_, fd_);
+    if (!handshaken.is_ok()) co_return Failure{handshaken.message(), false};
+    int pair[2];
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0) {
+      co_return lost("while starting TLS", -errno);
+    }
+    // The relay owns the server's socket (and pair[1]) from here on, and closes them when the
+    // driver closes pair[0].
+    loop_.spawn(tls::Session::relay(std::move(session).value(), loop_, fd_, pair[1]));
+    fd_ = pair[0];
+    reader_.switch_to(fd_);
+    co_return std::nullopt;
+  }
+
   // Servers that predate NBD_OPT_GO: the export is chosen with NBD_OPT_EXPORT_NAME, which has no
   // error reply (an unknown export closes the connection).
   Task<std::optional<Failure>> export_name_option(const std::string& export_name, Negotiated& out) {
@@ -362,6 +404,8 @@ class Handshake {
         return "NBD_OPT_SET_META_CONTEXT";
       case kOptGo:
         return "NBD_OPT_GO";
+      case kOptStartTls:
+        return "NBD_OPT_STARTTLS";
       default:
         return "an option";
     }
@@ -376,7 +420,7 @@ class Handshake {
       case kRepErrPlatform:
         return "NBD_REP_ERR_PLATFORM";
       case kRepErrTlsReqd:
-        return "NBD_REP_ERR_TLS_REQD, and blockd has no TLS";
+        return "NBD_REP_ERR_TLS_REQD: the server requires TLS (tls-creds)";
       case kRepErrShutdown:
         return "NBD_REP_ERR_SHUTDOWN";
       case kRepErrBlockSizeReqd:
@@ -507,9 +551,12 @@ Task<Expected<Connection>> connect_once(Loop& loop, const NbdClientOptions& opti
     connection.fd = fd;
     connection.reader = std::make_unique<SocketReader>(loop, fd);
     Handshake handshake(loop, fd, *connection.reader);
-    auto failure = co_await handshake.run(options.export_name, connection.negotiated);
+    auto failure = co_await handshake.run(options, connection.negotiated);
     finish();
     timed_out = timed_out || Clock::now() >= deadline;
+    // With TLS, the connection goes on over the tunnel's cleartext end.
+    fd = handshake.fd();
+    connection.fd = fd;
     if (failure) {
       ::close(fd);
       fatal = failure->fatal;

@@ -334,16 +334,32 @@ Expected<std::shared_ptr<Node>> open_node(qmp::Context& context, const BlockdevO
       break;
     case BlockdevDriver::kNbd: {
       const BlockdevOptionsNbd& nbd = *options.u.nbd;
-      // As QEMU, a missing credentials object is reported before anything is connected. The
-      // client driver does not speak TLS yet (the NBD server does).
+      // As QEMU, the credentials are checked before anything is connected.
+      std::shared_ptr<const tls::Credentials> tls_credentials;
+      std::string tls_hostname;
       if (nbd.tls_creds) {
-        if (!context.objects().contains(*nbd.tls_creds)) {
+        auto found = context.objects().find(*nbd.tls_creds);
+        if (found == context.objects().end()) {
           return Status::generic("No TLS credentials with id '" + *nbd.tls_creds + "'");
         }
-        return Status::generic("TLS is not supported by blockd's nbd client driver yet");
-      }
-      if (nbd.tls_hostname) {
-        return Status::generic("tls-hostname is not supported by blockd's nbd client driver yet");
+        auto* creds = dynamic_cast<qmp::TlsCredsObject*>(found->second.get());
+        if (creds == nullptr) {
+          return Status::generic("Object with id '" + *nbd.tls_creds + "' is not TLS credentials");
+        }
+        if (creds->credentials()->endpoint() != tls::Endpoint::kClient) {
+          return Status::generic("Expected TLS credentials for a client endpoint");
+        }
+        tls_credentials = creds->credentials();
+        // The server's certificate is checked against tls-hostname, else the host connected to.
+        tls_hostname = nbd.tls_hostname.value_or("");
+        if (tls_hostname.empty() && nbd.server.type == SocketAddressType::kInet &&
+            nbd.server.u.inet) {
+          tls_hostname = nbd.server.u.inet->host;
+        }
+        if (tls_hostname.empty() && tls_credentials->kind() == tls::Credentials::Kind::kX509 &&
+            tls_credentials->verify_peer()) {
+          return Status::generic("No hostname for certificate validation");
+        }
       }
       if (nbd.x_dirty_bitmap) return Status::generic("x-dirty-bitmap is not supported by blockd");
       auto server = to_stream_address(nbd.server);
@@ -353,6 +369,8 @@ Expected<std::shared_ptr<Node>> open_node(qmp::Context& context, const BlockdevO
       driver_options.export_name = nbd.export_.value_or("");
       driver_options.reconnect_delay = nbd.reconnect_delay.value_or(0);
       driver_options.open_timeout = nbd.open_timeout.value_or(0);
+      driver_options.tls_credentials = std::move(tls_credentials);
+      driver_options.tls_hostname = std::move(tls_hostname);
       node = context.run_nested(drivers::open_nbd_node(std::move(common).value(),
                                                        std::move(driver_options),
                                                        context.main_loop()));
