@@ -635,3 +635,32 @@ def test_client_driver_against_qemu_nbd_with_tls(pki: tuple[Pki, Pki], tmp_path:
     finally:
         engine.shutdown()
         server.kill()
+
+
+@needs_libnbd
+def test_client_driver_reconnects_with_tls(pki: tuple[Pki, Pki], tmp_path: Path) -> None:
+    if shutil.which("qemu-nbd") is None:
+        pytest.skip("qemu-nbd is not installed (qemu-utils)")
+    from blockd.testing.nbd_servers import qemu_nbd
+
+    image = tmp_path / "disk.raw"
+    content = make_image(image)
+    server = qemu_nbd(image, tmp_path / "qemu-nbd.sock", "--object",
+                      f"tls-creds-x509,id=tls0,endpoint=server,dir={pki[0].server_dir}", "--tls-creds", "tls0").start()
+    engine, sock = client_engine(pki[0].client_dir, tmp_path)
+    try:
+        qmp(engine, "blockdev-add", driver="nbd", node_name="remote", export="exp", tls_creds="tls-cli",
+            tls_hostname="localhost", reconnect_delay=20, server={"type": "unix", "path": str(server.sock)})
+        qmp(engine, "nbd-server-add", device="remote", name="remote")
+        h = nbd.NBD()
+        h.set_export_name("remote")
+        h.connect_unix(sock)
+        assert h.pread(1 << 20, 1 << 20) == content[1 << 20:2 << 20]
+        server.kill()
+        server.start()
+        # The request waits for the driver to connect again, with a new TLS session.
+        assert h.pread(1 << 20, 2 << 20) == content[2 << 20:3 << 20]
+        h.shutdown()
+    finally:
+        engine.shutdown()
+        server.kill()
