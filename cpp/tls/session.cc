@@ -16,6 +16,8 @@ namespace {
 
 // Size of one receive from either socket, and of one send of decrypted bytes.
 constexpr size_t kChunk = 64u << 10;
+// Socket buffer size asked for on each end of a relay's socket pair.
+constexpr int kPairBuffer = 2 << 20;
 // The most plaintext one TLS record carries.
 constexpr size_t kMaxRecord = 16u << 10;
 
@@ -226,6 +228,16 @@ Task<void> Session::plain_to_peer(int plain_fd) {
     (void)co_await flush();
   }
   ::shutdown(fd_, SHUT_RDWR);
+}
+
+int Session::open_pair(int fds[2]) noexcept {
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) return -errno;
+  const int size = kPairBuffer;
+  for (int i = 0; i < 2; ++i) {
+    (void)::setsockopt(fds[i], SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
+    (void)::setsockopt(fds[i], SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
+  }
+  return 0;
 }
 
 Task<void> Session::relay(std::unique_ptr<Session> session, Loop& loop, int fd, int plain_fd) {

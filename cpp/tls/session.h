@@ -46,6 +46,11 @@ class Session {
   // `fd` down from elsewhere (a timeout) ends a pending handshake.
   Task<Status> handshake(Loop& loop, int fd, std::span<const uint8_t> early = {});
 
+  // Creates the socket pair for relay(): its cleartext end goes to the user of the session, the
+  // other end to relay(). Its buffers are enlarged (where the system allows) so that a reply
+  // stream is not held to a socket buffer's worth between the two. 0 or a negative errno.
+  static int open_pair(int fds[2]) noexcept;
+
   // After a successful handshake: relays between the peer on `fd` and the cleartext socket
   // `plain_fd` until either side ends, then closes both descriptors. Owns the session meanwhile.
   static Task<void> relay(std::unique_ptr<Session> session, Loop& loop, int fd, int plain_fd);

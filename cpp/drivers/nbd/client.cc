@@ -330,9 +330,7 @@ class Handshake {
     const Status handshaken = co_await (*session)->handshake(loop_, fd_);
     if (!handshaken.is_ok()) co_return Failure{handshaken.message(), false};
     int pair[2];
-    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0) {
-      co_return lost("while starting TLS", -errno);
-    }
+    if (int rc = tls::Session::open_pair(pair); rc < 0) co_return lost("while starting TLS", rc);
     // The relay owns the server's socket (and pair[1]) from here on, and closes them when the
     // driver closes pair[0].
     loop_.spawn(tls::Session::relay(std::move(session).value(), loop_, fd_, pair[1]));

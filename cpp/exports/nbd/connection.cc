@@ -507,7 +507,7 @@ Task<bool> Connection::start_tls() {
   // No authorization object can exist in blockd: a client cannot be authorized.
   if (!server_.options().tls_authz.empty()) co_return false;
   int pair[2];
-  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0) co_return false;
+  if (tls::Session::open_pair(pair) != 0) co_return false;
   server_.spawn_tunnel(std::move(session).value(), fd_, pair[1]);
   fd_ = pair[0];
   tls_active_ = true;
