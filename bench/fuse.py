@@ -289,9 +289,9 @@ def main() -> int:
     parser.add_argument("--output", default=str(REPO / "bench/RESULTS.md"))
     parser.add_argument("--notes", default="", help="Markdown file appended to the report")
     parser.add_argument("--fio", default=shutil.which("fio") or "fio")
-    parser.add_argument("--awake", type=int, choices=(0, 1), default=1,
-                        help="1 (default): keep every CPU from halting with idle-priority busy "
-                             "loops (bench/run.py keep_awake); 0: let them halt")
+    parser.add_argument("--awake", type=int, choices=(0, 1), default=0,
+                        help="1: keep every CPU from halting with idle-priority busy loops "
+                             "(bench/run.py keep_awake); 0 (default): let them halt")
     parser.add_argument("--keep-image", action="store_true",
                         help="keep the image for the next run (default: remove it at the end)")
     args = parser.parse_args()

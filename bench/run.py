@@ -199,7 +199,12 @@ def keep_awake(enabled: bool):
     5k IOPS halting, 32k awake, for blockd and its peers alike). Common KVM hosts poll a halting
     virtual CPU for a while first (halt_poll_ns) and their guests use the haltpoll cpuidle driver;
     this one has neither (cpuidle driver "none"). The spinners stand in for that polling: they
-    take only CPU time that nothing else wants, and their time is left out of "other"."""
+    take only CPU time that nothing else wants, and their time is left out of "other".
+    Off by default: on a quiet host the wake-ups are quick, and the busy loops then cost the
+    measured processes something of their own (the host may run the two virtual CPUs on one
+    physical core's two threads): one raw child's 1 MiB reads at QD8 gave 2.4-2.8k IOPS awake
+    and 3.1-3.3k halting in the same quiet ten minutes. Halting under a busy host shows as
+    steal, which run_steady repeats."""
     procs = []
     if enabled:
         for _ in range(os.cpu_count() or 1):
@@ -535,12 +540,14 @@ def report(runs: list[Run], servers: list[Server], workloads: list[Workload], ar
         f"{1000 / CLOCK_TICKS:.0f} ms, so QD1 numbers are coarse). fio CPU is fio's usr+sys "
         "(percent of one core).\n"
         + ("- Awake: during the benchmark one idle-priority (SCHED_IDLE) busy loop per CPU keeps "
-           "the virtual CPUs from halting (`--awake 1`, the default). This machine's hypervisor "
+           "the virtual CPUs from halting (`--awake 1`). This machine's hypervisor "
            "wakes a halted virtual CPU through its own scheduler, slowly enough to dominate "
            "request latency for every server (4k reads at QD1: about 5k IOPS halting, 32k awake); "
            "the busy loops stand in for the halt polling of common KVM hosts. They use only CPU "
-           "time nothing else wants, and are not counted as other CPU.\n"
-           if args.awake else "- Not awake (`--awake 0`): the virtual CPUs halt when idle.\n") +
+           "time nothing else wants, and are not counted as other CPU, but they may slow the "
+           "measured processes when the host runs both virtual CPUs on one physical core.\n"
+           if args.awake else "- Not awake (`--awake 0`, the default): the virtual CPUs halt "
+           "when idle.\n") +
         "- Disturbance: steal is the share of all CPU time the hypervisor took from this virtual "
         "machine during the measured run (/proc/stat); other is the share used by neither the "
         "server nor fio (busy time from /proc/stat, less the server's and fio's own). A run with "
@@ -686,9 +693,10 @@ def add_condition_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-other", type=float, default=10.0,
                         help="repeat a measured run in which processes other than the server "
                              "and fio used more than this percent of the CPU (default 10)")
-    parser.add_argument("--awake", type=int, choices=(0, 1), default=1,
-                        help="1 (default): keep every CPU from halting during the benchmark with "
-                             "idle-priority busy loops (see keep_awake); 0: let them halt")
+    parser.add_argument("--awake", type=int, choices=(0, 1), default=0,
+                        help="1: keep every CPU from halting during the benchmark with "
+                             "idle-priority busy loops (see keep_awake); 0 (default): let them "
+                             "halt")
     parser.add_argument("--retries", type=int, default=2,
                         help="at most this many repeats per run; the least disturbed is kept "
                              "(default 2; 0: never repeat)")
