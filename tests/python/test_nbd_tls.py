@@ -8,6 +8,7 @@ a client certificate, and a second, unrelated CA ("rogue") whose client must be 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -612,8 +613,11 @@ def test_client_driver_refusals(served: Served, pki: tuple[Pki, Pki], tmp_path: 
         engine.shutdown()
 
 
-@needs_libnbd
-def test_client_driver_against_qemu_nbd_with_tls(pki: tuple[Pki, Pki], tmp_path: Path) -> None:
+@contextlib.contextmanager
+def client_driver_on_tls_qemu_nbd(pki: tuple[Pki, Pki], tmp_path: Path, **options):
+    """qemu-nbd serving a fresh image with TLS, and an engine whose nbd client driver node
+    (`options` added to its blockdev-add) is re-exported as "remote"; yields (qemu-nbd, image
+    content, a libnbd handle connected to the re-export)."""
     if shutil.which("qemu-nbd") is None:
         pytest.skip("qemu-nbd is not installed (qemu-utils)")
     from blockd.testing.nbd_servers import qemu_nbd
@@ -625,12 +629,12 @@ def test_client_driver_against_qemu_nbd_with_tls(pki: tuple[Pki, Pki], tmp_path:
     engine, sock = client_engine(pki[0].client_dir, tmp_path)
     try:
         qmp(engine, "blockdev-add", driver="nbd", node_name="remote", export="exp", tls_creds="tls-cli",
-            tls_hostname="localhost", server={"type": "unix", "path": str(server.sock)})
+            tls_hostname="localhost", server={"type": "unix", "path": str(server.sock)}, **options)
         qmp(engine, "nbd-server-add", device="remote", name="remote")
         h = nbd.NBD()
         h.set_export_name("remote")
         h.connect_unix(sock)
-        assert h.pread(IMAGE_SIZE, 0) == content
+        yield server, content, h
         h.shutdown()
     finally:
         engine.shutdown()
@@ -638,29 +642,16 @@ def test_client_driver_against_qemu_nbd_with_tls(pki: tuple[Pki, Pki], tmp_path:
 
 
 @needs_libnbd
-def test_client_driver_reconnects_with_tls(pki: tuple[Pki, Pki], tmp_path: Path) -> None:
-    if shutil.which("qemu-nbd") is None:
-        pytest.skip("qemu-nbd is not installed (qemu-utils)")
-    from blockd.testing.nbd_servers import qemu_nbd
+def test_client_driver_against_qemu_nbd_with_tls(pki: tuple[Pki, Pki], tmp_path: Path) -> None:
+    with client_driver_on_tls_qemu_nbd(pki, tmp_path) as (_, content, h):
+        assert h.pread(IMAGE_SIZE, 0) == content
 
-    image = tmp_path / "disk.raw"
-    content = make_image(image)
-    server = qemu_nbd(image, tmp_path / "qemu-nbd.sock", "--object",
-                      f"tls-creds-x509,id=tls0,endpoint=server,dir={pki[0].server_dir}", "--tls-creds", "tls0").start()
-    engine, sock = client_engine(pki[0].client_dir, tmp_path)
-    try:
-        qmp(engine, "blockdev-add", driver="nbd", node_name="remote", export="exp", tls_creds="tls-cli",
-            tls_hostname="localhost", reconnect_delay=20, server={"type": "unix", "path": str(server.sock)})
-        qmp(engine, "nbd-server-add", device="remote", name="remote")
-        h = nbd.NBD()
-        h.set_export_name("remote")
-        h.connect_unix(sock)
+
+@needs_libnbd
+def test_client_driver_reconnects_with_tls(pki: tuple[Pki, Pki], tmp_path: Path) -> None:
+    with client_driver_on_tls_qemu_nbd(pki, tmp_path, reconnect_delay=20) as (server, content, h):
         assert h.pread(1 << 20, 1 << 20) == content[1 << 20:2 << 20]
         server.kill()
         server.start()
         # The request waits for the driver to connect again, with a new TLS session.
         assert h.pread(1 << 20, 2 << 20) == content[2 << 20:3 << 20]
-        h.shutdown()
-    finally:
-        engine.shutdown()
-        server.kill()
