@@ -88,6 +88,24 @@ class Context {
 
   // Objects by id, in creation order of ids (query-iothreads lists them in this map's order).
   std::map<std::string, std::unique_ptr<UserObject>>& objects() noexcept { return objects_; }
+  // The credentials of the tls-creds object `id` (tls-creds of nbd-server-start and of the nbd
+  // driver), which must be for `endpoint`. Errors (GenericError), as QEMU words them: no such
+  // object, an object that is not TLS credentials, credentials for the other endpoint.
+  Expected<std::shared_ptr<const tls::Credentials>> tls_credentials(const std::string& id,
+                                                                    tls::Endpoint endpoint) {
+    auto found = objects_.find(id);
+    if (found == objects_.end()) return Status::generic("No TLS credentials with id '" + id + "'");
+    auto* creds = dynamic_cast<TlsCredsObject*>(found->second.get());
+    if (creds == nullptr) {
+      return Status::generic("Object with id '" + id + "' is not TLS credentials");
+    }
+    if (creds->credentials()->endpoint() != endpoint) {
+      return Status::generic(endpoint == tls::Endpoint::kServer
+                                 ? "Expected TLS credentials for a server endpoint"
+                                 : "Expected TLS credentials for a client endpoint");
+    }
+    return creds->credentials();
+  }
 
   // Block exports, most recently added first (the order query-block-exports lists them in).
   std::vector<std::shared_ptr<exports::Export>>& exports() noexcept { return exports_; }

@@ -338,18 +338,9 @@ Expected<std::shared_ptr<Node>> open_node(qmp::Context& context, const BlockdevO
       std::shared_ptr<const tls::Credentials> tls_credentials;
       std::string tls_hostname;
       if (nbd.tls_creds) {
-        auto found = context.objects().find(*nbd.tls_creds);
-        if (found == context.objects().end()) {
-          return Status::generic("No TLS credentials with id '" + *nbd.tls_creds + "'");
-        }
-        auto* creds = dynamic_cast<qmp::TlsCredsObject*>(found->second.get());
-        if (creds == nullptr) {
-          return Status::generic("Object with id '" + *nbd.tls_creds + "' is not TLS credentials");
-        }
-        if (creds->credentials()->endpoint() != tls::Endpoint::kClient) {
-          return Status::generic("Expected TLS credentials for a client endpoint");
-        }
-        tls_credentials = creds->credentials();
+        auto found = context.tls_credentials(*nbd.tls_creds, tls::Endpoint::kClient);
+        if (!found) return found.status();
+        tls_credentials = std::move(found).value();
         // The server's certificate is checked against tls-hostname, else the host connected to.
         tls_hostname = nbd.tls_hostname.value_or("");
         if (tls_hostname.empty() && nbd.server.type == SocketAddressType::kInet &&

@@ -38,18 +38,9 @@ Status start_nbd_server(qmp::Context& context, const SocketAddress& address,
   if (context.nbd_server()) return Status::generic("NBD server already running");
   exports::nbd::ServerOptions options;
   if (tls_creds) {
-    auto found = context.objects().find(*tls_creds);
-    if (found == context.objects().end()) {
-      return Status::generic("No TLS credentials with id '" + *tls_creds + "'");
-    }
-    auto* creds = dynamic_cast<qmp::TlsCredsObject*>(found->second.get());
-    if (creds == nullptr) {
-      return Status::generic("Object with id '" + *tls_creds + "' is not TLS credentials");
-    }
-    if (creds->credentials()->endpoint() != tls::Endpoint::kServer) {
-      return Status::generic("Expected TLS credentials for a server endpoint");
-    }
-    options.tls_credentials = creds->credentials();
+    auto credentials = context.tls_credentials(*tls_creds, tls::Endpoint::kServer);
+    if (!credentials) return credentials.status();
+    options.tls_credentials = std::move(credentials).value();
     // As in QEMU, the authorization object is looked up only when a client connects.
     options.tls_authz = tls_authz.value_or("");
   }
