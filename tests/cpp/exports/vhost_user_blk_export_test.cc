@@ -289,6 +289,12 @@ TEST_F(VhostUserBlkExportTest, AMalformedChainStopsItsQueueOnly) {
     store16(guest_ + kAvailable + 4, 0);
     store16(guest_ + kAvailable + 2, 1);
     ASSERT_EQ(::eventfd_write(kick_, 1), 0);
+    // The kick and the messages below reach the export on different descriptors: wait until it
+    // has taken the kick (it walks the ring at once, on the same thread that later answers
+    // GET_VRING_BASE), or a loaded machine may let the messages overtake it.
+    pollfd kicked{.fd = kick_, .events = POLLIN, .revents = 0};
+    for (int waited = 0; ::poll(&kicked, 1, 0) == 1 && waited < 5000; ++waited) ::usleep(1000);
+    ASSERT_EQ(::poll(&kicked, 1, 0), 0) << "the export never read its kick";
     // The connection still answers; the ring stopped after the bad entry.
     EXPECT_EQ(front.get_u64(Request::kGetQueueNum), 1u);
     ASSERT_TRUE(front.send(Request::kGetVringBase, state(0, 0)));
